@@ -1,0 +1,12 @@
+"""strassenkit: learnable fast bilinear operators (Strassen-Tile, StrassenNets) for PyTorch.
+
+Layers (bottom to top): ``algorithms`` <- ``functional`` <- ``nn`` <- ``surgery`` <- ``train``
+<- ``experiments`` / ``cli``; ``cost`` reads layers and never changes them.
+"""
+
+from . import algorithms, functional
+from .nn import STLinear
+
+__version__ = "0.1.0"
+
+__all__ = ["algorithms", "functional", "STLinear", "__version__"]

@@ -1,0 +1,20 @@
+"""Exact and approximate bilinear matrix multiplication algorithms (the bottom layer of strassenkit).
+
+- :class:`BilinearAlgorithm`: factor matrices (U, V, W) in standard form, ``verify()``, ``kron()``,
+  symmetries (``transpose()``, ``cyclic()``), direct sums (``concat()``).
+- :func:`get`, :func:`available`: the verified catalogue.
+"""
+
+from .bilinear import BilinearAlgorithm, matmul_tensor, tensor_residual
+from .catalogue import available, from_formulas, get, register, schoolbook
+
+__all__ = [
+    "BilinearAlgorithm",
+    "matmul_tensor",
+    "tensor_residual",
+    "available",
+    "get",
+    "register",
+    "schoolbook",
+    "from_formulas",
+]

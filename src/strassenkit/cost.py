@@ -1,0 +1,213 @@
+"""Cost accounting: multiply-accumulates, multiplications, additions and parameters.
+
+``cost.count(model, *example_inputs)`` runs one forward pass with hooks and returns a
+:class:`CostReport` with one :class:`LayerCost` row per counted module. It reads layers and never
+changes them.
+
+Two views of the same work are reported:
+- ``macs_*``: multiply-accumulates as the implementation executes them (dense encoders/decoders);
+  2 * macs is what ``torch.utils.flop_counter.FlopCounterMode`` reports for the same run.
+- ``mults`` / ``adds``: the arithmetic an ideal implementation needs when coefficients in {-1, 0, 1}
+  cost no multiplication and zeros cost nothing (an encoder with entries in {-1, 0, 1} is additions only).
+
+Support for a module type is added with ``@register_counter(ModuleType)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .nn.stlinear import STLinear
+
+__all__ = ["LayerCost", "CostReport", "count", "register_counter", "matrix_op_cost"]
+
+
+@dataclass
+class LayerCost:
+    """Cost of one module for one forward pass. ``macs_*`` are executed MACs (dense)."""
+
+    name: str
+    kind: str
+    macs_core: int = 0
+    macs_encode: int = 0
+    macs_decode: int = 0
+    mults: int = 0
+    adds: int = 0
+    params: int = 0
+    dense_macs: int = 0  # MACs of the dense layer this one replaces (for reduction factors)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def macs(self) -> int:
+        return self.macs_core + self.macs_encode + self.macs_decode
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+
+@dataclass
+class CostReport:
+    layers: list[LayerCost]
+
+    def total(self, attr: str) -> int:
+        return sum(getattr(layer, attr) for layer in self.layers)
+
+    @property
+    def macs(self) -> int:
+        return self.total("macs")
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+    @property
+    def dense_macs(self) -> int:
+        return self.total("dense_macs")
+
+    def summary(self) -> dict:
+        keys = ["macs_core", "macs_encode", "macs_decode", "mults", "adds", "params", "dense_macs"]
+        out = {k: self.total(k) for k in keys}
+        out["macs"] = self.macs
+        out["flops"] = self.flops
+        out["flop_reduction_vs_dense"] = self.dense_macs / self.macs if self.macs else float("nan")
+        return out
+
+    def to_json(self) -> str:
+        rows = [dict(asdict(layer), macs=layer.macs) for layer in self.layers]
+        return json.dumps({"layers": rows, "total": self.summary()}, indent=2)
+
+    def table(self) -> str:
+        head = f"{'layer':<32} {'kind':<10} {'MACs core':>12} {'enc':>10} {'dec':>10} {'mults':>12} {'adds':>12} {'params':>10}"
+        lines = [head, "-" * len(head)]
+        for c in self.layers:
+            lines.append(
+                f"{c.name[:32]:<32} {c.kind:<10} {c.macs_core:>12,} {c.macs_encode:>10,} {c.macs_decode:>10,} "
+                f"{c.mults:>12,} {c.adds:>12,} {c.params:>10,}"
+            )
+        s = self.summary()
+        lines.append(
+            f"{'total':<32} {'':<10} {s['macs_core']:>12,} {s['macs_encode']:>10,} {s['macs_decode']:>10,} "
+            f"{s['mults']:>12,} {s['adds']:>12,} {s['params']:>10,}"
+        )
+        return "\n".join(lines)
+
+
+_COUNTERS: dict[type, Callable] = {}
+
+
+def register_counter(module_type: type):
+    """Decorator: fn(module, inputs: tuple, output) -> LayerCost (name is filled in by ``count``)."""
+
+    def deco(fn):
+        _COUNTERS[module_type] = fn
+        return fn
+
+    return deco
+
+
+def _counter_for(module: nn.Module):
+    for klass in type(module).__mro__:
+        if klass in _COUNTERS:
+            return _COUNTERS[klass]
+    return None
+
+
+def count(model: nn.Module, *example_inputs, **example_kwargs) -> CostReport:
+    """Run ``model(*example_inputs)`` under no_grad with hooks; one row per supported leaf module."""
+    rows: list[LayerCost] = []
+    handles = []
+
+    def make_hook(name, fn):
+        def hook(module, inputs, output):
+            c = fn(module, inputs, output)
+            c.name = name or type(module).__name__
+            rows.append(c)
+
+        return hook
+
+    for name, module in model.named_modules():
+        fn = _counter_for(module)
+        if fn is not None:
+            handles.append(module.register_forward_hook(make_hook(name, fn)))
+    try:
+        with torch.no_grad():
+            model(*example_inputs, **example_kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return CostReport(rows)
+
+
+# ------------------------------------------------------------------ helpers
+def matrix_op_cost(mat: torch.Tensor, applications: int) -> tuple[int, int]:
+    """(mults, adds) of applying the linear map ``mat`` (out x in) ``applications`` times.
+
+    Zeros cost nothing, entries +-1 cost no multiplication, every output needs (nnz_row - 1) additions.
+    """
+    m = mat.detach()
+    nz = m != 0
+    nnz_rows = nz.sum(dim=1)
+    mults = int((nz & (m.abs() != 1)).sum())
+    adds = int((nnz_rows - 1).clamp(min=0).sum())
+    return mults * applications, adds * applications
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+# ------------------------------------------------------------------ counters
+@register_counter(nn.Linear)
+def _linear_cost(module: nn.Linear, inputs, output) -> LayerCost:
+    rows = _rows(inputs[0])
+    K, N = module.in_features, module.out_features
+    macs = rows * K * N
+    adds = rows * (K - 1) * N + (rows * N if module.bias is not None else 0)
+    return LayerCost("", "linear", macs_core=macs, mults=macs, adds=adds, params=_params(module), dense_macs=macs)
+
+
+@register_counter(STLinear)
+def _stlinear_cost(module: STLinear, inputs, output) -> LayerCost:
+    x = inputs[0]
+    n, m, p = module.format
+    r = module.rank
+    K, N = module.in_features, module.out_features
+    L = x.shape[-2] if x.dim() >= 2 else 1
+    B = x.numel() // (L * K)
+    Mt, Kt, Nt = math.ceil(L / n), math.ceil(K / m), math.ceil(N / p)
+    x_tiles, y_tiles = B * Mt * Kt, B * Mt * Nt
+    core = r * (B * Mt) * Kt * Nt
+    enc = r * (n * m) * x_tiles
+    dec = (n * p) * r * y_tiles
+    emul, eadd = matrix_op_cost(module.enc_x, x_tiles)
+    dmul, dadd = matrix_op_cost(module.dec, y_tiles)
+    core_adds = r * (B * Mt) * (Kt - 1) * Nt
+    bias_adds = B * L * N if module.bias is not None else 0
+    return LayerCost(
+        "", "stl", macs_core=core, macs_encode=enc, macs_decode=dec,
+        mults=core + emul + dmul, adds=core_adds + eadd + dadd + bias_adds,
+        params=sum(p.numel() for p in (module.w_hat, module.enc_x, module.dec)) + (N if module.bias is not None else 0),
+        dense_macs=B * L * K * N,
+        extra={"tile": module.tile, "row_tile": n, "rank": r, "padded_rows": B * (Mt * n - L)},
+    )
+
+
+@register_counter(nn.Conv2d)
+def _conv2d_cost(module: nn.Conv2d, inputs, output) -> LayerCost:
+    kh, kw = module.kernel_size
+    per_out = (module.in_channels // module.groups) * kh * kw
+    outs = output.numel()
+    macs = outs * per_out
+    adds = outs * (per_out - 1) + (outs if module.bias is not None else 0)
+    return LayerCost("", "conv2d", macs_core=macs, mults=macs, adds=adds, params=_params(module), dense_macs=macs)

@@ -1,0 +1,1 @@
+"""Experiments and commands: each writes JSON/PNG/Markdown under ``results/<name>/``."""

@@ -1,0 +1,194 @@
+"""The Strassen-Tile (STL) operator as pure functions.
+
+Notation (tile format <n,m,p>: activation tiles n x m, weight tiles m x p, output tiles n x p;
+the square case is n = m = p = t):
+
+    x:     (..., M, K)        activations; every leading index is an independent matrix
+    w:     (K, N)             dense weight (y = x @ w)
+    enc_x: (r, n*m)           E_x,  x_hat[l, a, c] = sum_ij E_x[l, i*m+j] x[a*n+i, c*m+j]
+    enc_w: (r, m*p)           E_w,  w_hat[l, c, b] = sum_jk E_w[l, j*p+k] w[c*m+j, b*p+k]
+    w_hat: (r, K/m, N/p)      the encoded weight (what STLinear learns)
+    core:  P[l] = x_hat[l] @ w_hat[l]                           one bmm of r matrices
+    dec:   (n*p, r)           y[a*n+i, b*p+k] = sum_l dec[i*p+k, l] P[l, a, b]
+
+Rows: a tile mixes n consecutive rows of the same matrix ``x[..., :, :]``; rows of different leading
+indices never mix. Sizes that are not multiples of the tile are zero-padded and sliced back
+(zero rows/columns contribute nothing to a bilinear form, so padding never changes real outputs).
+
+Two paths compute the same thing: ``*_reference`` (einsum on 6-D views, easy to read) and the
+default fast path (one permute-copy, encode as a single matmul straight into the bmm layout,
+one bmm, decode as a single matmul). Tests check one against the other.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..algorithms import BilinearAlgorithm
+
+__all__ = [
+    "stl_matmul",
+    "stl_encode_weight",
+    "stl_apply",
+    "stl_apply_reference",
+    "stl_encode_weight_reference",
+    "tile_format",
+]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tile_format(enc_x: torch.Tensor, dec: torch.Tensor, tile) -> tuple[int, int, int]:
+    """Resolve (n, m, p) from ``tile`` (int t for t x t tiles, or a tuple (n, m, p)) and check shapes."""
+    if isinstance(tile, int):
+        n = m = p = tile
+    else:
+        try:
+            n, m, p = (int(v) for v in tile)
+        except (TypeError, ValueError):
+            raise ValueError(f"tile must be an int t or a tuple (n, m, p), got {tile!r}") from None
+    if min(n, m, p) < 1:
+        raise ValueError(f"tile sizes must be >= 1, got {(n, m, p)}")
+    if enc_x.dim() != 2 or enc_x.shape[1] != n * m:
+        raise ValueError(f"enc_x must have shape (rank, {n * m}) for {n}x{m} activation tiles, got {tuple(enc_x.shape)}")
+    r = enc_x.shape[0]
+    if dec.shape != (n * p, r):
+        raise ValueError(f"dec must have shape ({n * p}, {r}) for {n}x{p} output tiles and rank {r}, got {tuple(dec.shape)}")
+    return n, m, p
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float32/float64/bfloat16), got {t.dtype}; cast it with .float()")
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pad_last2(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    pr, pc = rows - x.shape[-2], cols - x.shape[-1]
+    if pr or pc:
+        x = F.pad(x, (0, pc, 0, pr))
+    return x
+
+
+# --------------------------------------------------------------------------- weight encoding
+def stl_encode_weight(w: torch.Tensor, enc_w: torch.Tensor, tile) -> torch.Tensor:
+    """Encode a dense weight w (K, N) into w_hat (r, ceil(K/m), ceil(N/p)) with E_w (r, m*p)."""
+    _check_float("w", w)
+    if w.dim() != 2:
+        raise ValueError(f"w must be a 2-D (K, N) weight, got shape {tuple(w.shape)}")
+    n, m, p = (tile, tile, tile) if isinstance(tile, int) else tuple(tile)
+    if enc_w.dim() != 2 or enc_w.shape[1] != m * p:
+        raise ValueError(f"enc_w must have shape (rank, {m * p}) for {m}x{p} weight tiles, got {tuple(enc_w.shape)}")
+    K, N = w.shape
+    Kt, Nt = _ceil(K, m), _ceil(N, p)
+    w = _pad_last2(w, Kt * m, Nt * p)
+    tiles = w.reshape(Kt, m, Nt, p).permute(1, 3, 0, 2).reshape(m * p, Kt * Nt)
+    return (enc_w.to(w.dtype) @ tiles).reshape(-1, Kt, Nt)
+
+
+def stl_encode_weight_reference(w: torch.Tensor, enc_w: torch.Tensor, tile) -> torch.Tensor:
+    """Slow, readable version of :func:`stl_encode_weight` (einsum over explicit tiles)."""
+    n, m, p = (tile, tile, tile) if isinstance(tile, int) else tuple(tile)
+    K, N = w.shape
+    Kt, Nt = _ceil(K, m), _ceil(N, p)
+    w = _pad_last2(w, Kt * m, Nt * p)
+    tiles = w.reshape(Kt, m, Nt, p)  # [c, j, b, k]
+    return torch.einsum("ljk,cjbk->lcb", enc_w.to(w.dtype).reshape(-1, m, p), tiles)
+
+
+# --------------------------------------------------------------------------- the operator
+def _check_apply(x, w_hat, enc_x, dec, tile):
+    for name, t in (("x", x), ("w_hat", w_hat), ("enc_x", enc_x), ("dec", dec)):
+        _check_float(name, t)
+    n, m, p = tile_format(enc_x, dec, tile)
+    if x.dim() < 2:
+        raise ValueError(f"x must have at least 2 dims (..., M, K), got shape {tuple(x.shape)}")
+    r = enc_x.shape[0]
+    Kt = _ceil(x.shape[-1], m)
+    if w_hat.dim() != 3 or w_hat.shape[0] != r or w_hat.shape[1] != Kt:
+        raise ValueError(
+            f"w_hat must have shape (rank={r}, ceil(K/{m})={Kt}, N/{p}) for x with K={x.shape[-1]}, "
+            f"got {tuple(w_hat.shape)}"
+        )
+    return n, m, p
+
+
+def stl_apply(
+    x: torch.Tensor,
+    w_hat: torch.Tensor,
+    enc_x: torch.Tensor,
+    dec: torch.Tensor,
+    tile,
+    out_features: int | None = None,
+) -> torch.Tensor:
+    """STL product of x (..., M, K) with an already-encoded weight w_hat (r, K/m, N/p).
+
+    Returns (..., M, out_features) (default N = p * w_hat.shape[2]). Fast path: encode with one
+    matmul into the (r, B*M/n, K/m) bmm layout, one bmm, decode with one matmul.
+    """
+    n, m, p = _check_apply(x, w_hat, enc_x, dec, tile)
+    r, Kt, Nt = w_hat.shape
+    lead, (M, K) = x.shape[:-2], x.shape[-2:]
+    N = out_features if out_features is not None else Nt * p
+    B = 1
+    for s in lead:
+        B *= s
+    Mt = _ceil(M, n)
+    xp = _pad_last2(x.reshape(B, M, K), Mt * n, Kt * m)
+    # (B, Mt, n, Kt, m) -> (n, m, B, Mt, Kt): one copy; rows of a tile stay inside one sample.
+    tiles = xp.reshape(B, Mt, n, Kt, m).permute(2, 4, 0, 1, 3).reshape(n * m, B * Mt * Kt)
+    x_hat = (enc_x.to(x.dtype) @ tiles).view(r, B * Mt, Kt)
+    prod = torch.bmm(x_hat, w_hat.to(x.dtype))  # (r, B*Mt, Nt)
+    y = dec.to(x.dtype) @ prod.view(r, B * Mt * Nt)  # (n*p, B*Mt*Nt)
+    y = y.view(n, p, B, Mt, Nt).permute(2, 3, 0, 4, 1).reshape(B, Mt * n, Nt * p)
+    return y[:, :M, :N].reshape(*lead, M, N)
+
+
+def stl_apply_reference(x, w_hat, enc_x, dec, tile, out_features=None):
+    """Slow, readable version of :func:`stl_apply`: einsum over explicit 6-D tile views."""
+    n, m, p = _check_apply(x, w_hat, enc_x, dec, tile)
+    r, Kt, Nt = w_hat.shape
+    lead, (M, K) = x.shape[:-2], x.shape[-2:]
+    N = out_features if out_features is not None else Nt * p
+    Mt = _ceil(M, n)
+    xp = _pad_last2(x, Mt * n, Kt * m)
+    xt = xp.reshape(*lead, Mt, n, Kt, m)  # [..., a, i, c, j]
+    x_hat = torch.einsum("lij,...aicj->...lac", enc_x.to(x.dtype).reshape(r, n, m), xt)
+    prod = torch.einsum("...lac,lcb->...lab", x_hat, w_hat.to(x.dtype))
+    yt = torch.einsum("ikl,...lab->...aibk", dec.to(x.dtype).reshape(n, p, r), prod)
+    y = yt.reshape(*lead, Mt * n, Nt * p)
+    return y[..., :M, :N]
+
+
+def stl_matmul(x: torch.Tensor, w: torch.Tensor, algorithm: BilinearAlgorithm | str, reference: bool = False) -> torch.Tensor:
+    """x (..., M, K) @ w (K, N) computed by the STL operator with ``algorithm``'s (U, V, W).
+
+    ``algorithm`` is a :class:`BilinearAlgorithm` (or catalogue name) of format <n,m,p>: activation
+    tiles are n x m, weight tiles m x p. With an exact algorithm the result equals x @ w up to
+    floating-point rounding. Any M, K, N (zero-padded to tile multiples and sliced back).
+    """
+    if isinstance(algorithm, str):
+        from ..algorithms import get
+
+        algorithm = get(algorithm)
+    if not isinstance(algorithm, BilinearAlgorithm):
+        raise TypeError(f"algorithm must be a BilinearAlgorithm or a catalogue name, got {type(algorithm).__name__}")
+    _check_float("x", x)
+    _check_float("w", w)
+    if w.dim() != 2:
+        raise ValueError(f"w must be a 2-D (K, N) matrix, got shape {tuple(w.shape)}")
+    if x.dim() < 2 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)} @ w {tuple(w.shape)}: x.shape[-1] must equal w.shape[0]")
+    enc_x, enc_w, dec = (t.to(device=x.device, dtype=x.dtype) for t in algorithm.stl_matrices())
+    tile = algorithm.format
+    if reference:
+        w_hat = stl_encode_weight_reference(w, enc_w, tile)
+        return stl_apply_reference(x, w_hat, enc_x, dec, tile, out_features=w.shape[1])
+    w_hat = stl_encode_weight(w, enc_w, tile)
+    return stl_apply(x, w_hat, enc_x, dec, tile, out_features=w.shape[1])

@@ -1,0 +1,178 @@
+"""STLinear: a drop-in nn.Linear replacement computed by the Strassen-Tile operator.
+
+Shapes: input (..., L, K) -> output (..., L, N). Rows are grouped along the sequence axis L in
+blocks of ``row_tile`` consecutive positions *inside each sample*: rows of different samples never
+share a tile (every leading index is its own matrix). A 2-D input (batch, K) has no sequence axis,
+so it is rejected unless ``row_tile == 1`` (1 x t strip tiles never mix rows).
+
+Learned parameters: the encoded weight ``w_hat`` (rank, ceil(K/t), ceil(N/t)), the activation
+encoder ``enc_x`` (rank, row_tile*t), the decoder ``dec`` (row_tile*t, rank) and ``bias`` (N).
+The weight encoder ``enc_w`` (rank, t*t) is kept as a buffer: it is what encodes a dense weight
+(``from_linear``, calibration) and is not needed by the forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..algorithms import BilinearAlgorithm
+from ..algorithms.init import resolve_init
+from ..functional.stl import stl_apply, stl_encode_weight
+
+__all__ = ["STLinear"]
+
+
+class STLinear(nn.Module):
+    """y = STL(x, w_hat) + bias with tile t, rank r.
+
+    Args:
+        in_features (K), out_features (N): as nn.Linear.
+        tile: t, the weight tile is t x t; activation tiles are row_tile x t.
+        rank: r, the number of encoded products (core cost r/(row_tile*t*t) of MatMul).
+        init: a BilinearAlgorithm, a catalogue name (exact; rank must match), "random"
+            (variance-preserving Gaussian), or an approximation family ("als", "truncate", ...).
+        row_tile: rows per activation tile (default t). 1 never mixes rows.
+        seed: seed of the init family (the dense weight that is encoded uses torch's RNG).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        tile: int = 4,
+        rank: int = 24,
+        init: str | BilinearAlgorithm = "random",
+        row_tile: int | None = None,
+        seed: int = 0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features), ("tile", tile), ("rank", rank)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        row_tile = tile if row_tile is None else row_tile
+        if not isinstance(row_tile, int) or row_tile < 1:
+            raise ValueError(f"row_tile must be an integer >= 1 (or None for row_tile=tile), got {row_tile!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.tile, self.row_tile, self.rank = tile, row_tile, rank
+        alg = resolve_init(init, row_tile, tile, tile, rank, seed)
+        self.init_name = alg.name
+        factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
+        enc_x, enc_w, dec = (t.to(**factory) for t in alg.stl_matrices())
+        self.enc_x = nn.Parameter(enc_x)
+        self.dec = nn.Parameter(dec)
+        self.register_buffer("enc_w", enc_w)
+        kt, nt = math.ceil(in_features / tile), math.ceil(out_features / tile)
+        self.w_hat = nn.Parameter(torch.empty(rank, kt, nt, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.reset_parameters()
+
+    @property
+    def format(self) -> tuple[int, int, int]:
+        """Tile format <n,m,p> = <row_tile, tile, tile>."""
+        return (self.row_tile, self.tile, self.tile)
+
+    def reset_parameters(self) -> None:
+        """Encode a dense weight initialized like nn.Linear's (kaiming-uniform, a=sqrt(5))."""
+        dense = torch.empty(self.out_features, self.in_features, dtype=self.w_hat.dtype, device=self.w_hat.device)
+        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
+        self.load_dense_weight(dense)
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @torch.no_grad()
+    def load_dense_weight(self, weight: torch.Tensor) -> None:
+        """Set w_hat = encode(weight.T) with enc_w; ``weight`` is (out_features, in_features) like nn.Linear's."""
+        if weight.shape != (self.out_features, self.in_features):
+            raise ValueError(
+                f"weight must have shape (out_features={self.out_features}, in_features={self.in_features}), "
+                f"got {tuple(weight.shape)}"
+            )
+        if not torch.isfinite(weight).all():
+            raise ValueError("weight contains NaN or infinite values; fix the source layer before converting it")
+        w_hat = stl_encode_weight(weight.T.to(self.enc_w.dtype), self.enc_w, self.format)
+        self.w_hat.copy_(w_hat)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        init: str | BilinearAlgorithm = "strassen_x_strassen",
+        tile: int | None = None,
+        rank: int | None = None,
+        row_tile: int | None = None,
+        seed: int = 0,
+    ) -> "STLinear":
+        """Encode a dense nn.Linear. With an exact algorithm the output equals the dense layer's.
+
+        ``tile``/``rank``/``row_tile`` default to the algorithm's format when ``init`` is a
+        BilinearAlgorithm or catalogue name; they are required for families such as "random".
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if not torch.isfinite(linear.weight).all() or (linear.bias is not None and not torch.isfinite(linear.bias).all()):
+            raise ValueError("linear has NaN or infinite weights or bias; cannot convert a broken layer")
+        alg = init
+        if isinstance(init, str):
+            from ..algorithms.init import approximation_families
+
+            if init.strip().lower() not in approximation_families():
+                from ..algorithms import get
+
+                alg = get(init)
+        if isinstance(alg, BilinearAlgorithm):
+            if alg.m != alg.p:
+                raise ValueError(f"STLinear needs square weight tiles (m == p), got algorithm format {alg.format}")
+            tile, rank, row_tile = tile or alg.m, rank or alg.rank, row_tile or alg.n
+        if tile is None or rank is None:
+            raise ValueError(f"init={init!r} is a family: pass tile= and rank= explicitly")
+        w = linear.weight
+        layer = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, tile=tile, rank=rank,
+            init=alg, row_tile=row_tile, seed=seed, device=w.device, dtype=w.dtype,
+        )
+        layer.load_dense_weight(w.detach())
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"STLinear expected input (..., {self.in_features}), got shape {tuple(x.shape)}")
+        if x.dim() < 3 and self.row_tile > 1:
+            raise ValueError(
+                f"STLinear(row_tile={self.row_tile}) got a {x.dim()}-D input {tuple(x.shape)} without a sequence "
+                f"axis: tiles would mix rows of different samples. Pass (batch, seq, features), or build the layer "
+                f"with row_tile=1 (1 x t strips, which never mix rows)"
+            )
+        squeeze = x.dim() == 1
+        if squeeze:
+            x = x.unsqueeze(0)
+        y = stl_apply(x, self.w_hat, self.enc_x, self.dec, self.format, out_features=self.out_features)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.squeeze(0) if squeeze else y
+
+    @property
+    def flop_factor(self) -> float:
+        """Core MatMul FLOPs / STL core FLOPs = row_tile * t^2 / r."""
+        return self.row_tile * self.tile * self.tile / self.rank
+
+    @property
+    def param_factor(self) -> float:
+        """Encoded weight size / dense weight size = r / t^2."""
+        return self.rank / (self.tile * self.tile)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"tile={self.tile}, row_tile={self.row_tile}, rank={self.rank}, init={self.init_name!r}, "
+            f"flop_factor={self.flop_factor:.2f}x, param_factor={self.param_factor:.2f}x"
+        )
