@@ -1,0 +1,1 @@
+"""Offline data loaders for experiments (nothing is downloaded at run time)."""

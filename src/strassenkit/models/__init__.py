@@ -1,0 +1,1 @@
+"""Reference models for experiments (not part of the core library)."""

@@ -1,0 +1,1 @@
+"""Training: the loop, distillation losses, checkpoints, distributed data parallel."""
