@@ -6,7 +6,8 @@ Layers (bottom to top): ``algorithms`` <- ``functional`` <- ``nn`` <- ``surgery`
 
 from . import algorithms, functional
 from .nn import STLinear
+from .nn import SPNBilinear, SPNConv2d, SPNLinear, set_phase
 
 __version__ = "0.1.0"
 
-__all__ = ["algorithms", "functional", "STLinear", "__version__"]
+__all__ = ["algorithms", "functional", "STLinear", "SPNBilinear", "SPNLinear", "SPNConv2d", "set_phase", "__version__"]
