@@ -1,0 +1,150 @@
+"""Shared helpers for the paper-reproduction experiments (``strassenkit experiment NAME``).
+
+Training loops with progress bars, accuracy, interleaved timing (ratios against a dense model measured in
+the same run), mean/std summaries, and writing ``results/NAME/runs.json`` (one record per run, each with
+its ``seed``) plus the meta block (config, torch version, threads, scale).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def mean_std(vals) -> tuple[float, float]:
+    vals = [float(v) for v in vals]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def fmt_ms(vals, digits: int = 4) -> str:
+    m, s = mean_std(vals)
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def group_runs(records: list[dict], key: str = "model") -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        out[r[key]].append(r)
+    return dict(out)
+
+
+def train_classifier(model, x, y, *, epochs: int, batch_size: int, lr: float, seed: int, desc: str,
+                     weight_decay: float = 0.05, teacher=None, kd_loss: Callable | None = None,
+                     augment: Callable | None = None, clip: float = 1.0) -> float:
+    """AdamW + one-cycle schedule; returns the wall-clock training seconds.
+
+    ``teacher``/``kd_loss``: if given, the loss is ``kd_loss(student_logits, teacher_logits, labels)``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    steps = epochs * math.ceil(len(x) / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    model.train()
+    if teacher is not None:
+        teacher.eval()
+    bar = tqdm(total=steps, desc=desc, leave=False, unit="step", mininterval=2.0)
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), batch_size):
+            idx = perm[i: i + batch_size]
+            xb, yb = x[idx], y[idx]
+            if augment is not None:
+                xb = augment(xb, g)
+            out = model(xb)
+            if teacher is not None:
+                with torch.no_grad():
+                    t_out = teacher(xb)
+                loss = kd_loss(out, t_out, yb)
+            else:
+                loss = F.cross_entropy(out, yb)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: non-finite loss {loss.item()}; lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+            sched.step()
+            bar.update()
+            if bar.n % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def accuracy(model, x, y, batch_size: int = 1000) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        correct += (model(x[i: i + batch_size]).argmax(-1) == y[i: i + batch_size]).sum().item()
+    return correct / len(x)
+
+
+@torch.no_grad()
+def forward_times(models: dict, x, repeats: int = 9, warmup: int = 2) -> dict:
+    """Median forward seconds per model on ``x``, models interleaved so all see the same machine load."""
+    for m in models.values():
+        m.eval()
+        for _ in range(warmup):
+            m(x)
+    samples = {k: [] for k in models}
+    for _ in range(repeats):
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            m(x)
+            samples[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def write_runs(out_dir: str | Path, records: list[dict], meta: dict) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for r in records:
+        if "seed" not in r:
+            raise ValueError(f"every record needs its 'seed': {r}")
+    meta = {**meta, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "written_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    path = out / "runs.json"
+    path.write_text(json.dumps({"meta": meta, "runs": records}, indent=1, default=float))
+    return path
+
+
+def read_runs(out_dir: str | Path) -> dict:
+    return json.loads((Path(out_dir) / "runs.json").read_text())
+
+
+def config_of(args) -> dict:
+    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
+
+
+def merge_runs(out_dir: str | Path, records: list[dict], meta: dict, key=("seed", "model")) -> tuple[list[dict], dict]:
+    """Merge new ``records`` into ``out_dir/runs.json`` (same ``key`` values are replaced by the new record).
+
+    The meta block keeps the old config under ``previous_configs`` so the report can show every command.
+    """
+    path = Path(out_dir) / "runs.json"
+    if not path.is_file():
+        return records, meta
+    old = json.loads(path.read_text())
+    new_keys = {tuple(r[k] for k in key) for r in records}
+    kept = [r for r in old["runs"] if tuple(r.get(k) for k in key) not in new_keys]
+    prev = old["meta"].get("previous_configs", []) + [old["meta"].get("config")]
+    return kept + records, {**meta, "previous_configs": prev, "previous_scale": old["meta"].get("scale")}
