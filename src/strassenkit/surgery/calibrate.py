@@ -1,0 +1,426 @@
+"""Pretrained conversion: fit converted STL layers to the activations they really see.
+
+For an STLinear layer with tile format <n,t,t> (n = row_tile), rank r, input x (..., L, K) and the
+dense weight W (N, K) it replaces, the target is Y = x W^T (bias excluded: the layer keeps the dense
+bias). In tile notation (A row tiles over all samples, Kt = K/t, Nt = N/t):
+
+    Xt[a, ij, c]   = x[a*n+i, c*t+j]                         (A, n*t, Kt)
+    x_hat[l, a, c] = sum_ij E_x[l, ij] Xt[a, ij, c]          (r, A, Kt)
+    P[l, a, b]     = sum_c x_hat[l, a, c] w_hat[l, c, b]      (r, A, Nt)
+    Yhat[a, ik, b] = sum_l D[ik, l] P[l, a, b]                (A, n*t, Nt)
+
+Yhat is linear in w_hat, and every output column block b has the same design matrix, so the least
+squares fit of w_hat given (E_x, D) is one symmetric solve with Nt right-hand sides. Normal equations
+(unknowns indexed (l, c), r*Kt of them):
+
+    G[(l,c), (l',c')] = sum_a (D_a^T D_a)[l, l'] x_hat[l, a, c] x_hat[l', a, c']
+    H[(l,c), b]       = sum_a x_hat[l, a, c] (D^T Yt[a])[l, b]
+
+where D_a keeps the decoder rows of the real (non-padding) rows of tile a. Yhat is also linear in D
+(given E_x, w_hat; one r x r solve per output row of the tile) and in E_x (given D, w_hat; unknowns
+(l, ij), r*n*t of them), so ``alternate=k`` runs k rounds of D-step, E_x-step, w_hat-step; each step
+minimizes the same objective exactly (up to the small ridge), so the error never goes up.
+
+:func:`fit_w_hat_reference` is the slow path (explicit design matrix by autograd + torch.linalg.lstsq)
+that the tests compare against. The normal-equation matrix has (r*Kt)^2 entries in float64: for
+t=4, r=24 that is 8 * (6K)^2 bytes, e.g. 21 MB at K=384 and 340 MB at K=1536.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..nn.stlinear import STLinear
+
+__all__ = ["calibrate_", "CalibrationReport", "LayerCalibration", "TileData", "fit_w_hat", "fit_w_hat_reference",
+           "fit_dec", "fit_enc_x", "tile_error"]
+
+
+# ------------------------------------------------------------------ data in tile layout
+@dataclass
+class TileData:
+    """Recorded inputs and targets of one layer in tile layout (float64).
+
+    Xt: (A, n*t, Kt) input tiles; Yt: (A, n*t, Nt) target tiles (zero on padding rows);
+    valid: (A,) number of real rows in each row tile (n except at a sequence end).
+    """
+
+    Xt: torch.Tensor
+    Yt: torch.Tensor
+    valid: torch.Tensor
+    n: int
+    t: int
+
+    @classmethod
+    def from_activations(cls, xs: list[torch.Tensor], ys: list[torch.Tensor], n: int, t: int) -> "TileData":
+        """xs: inputs (..., L, K); ys: targets (..., L, N) (2-D inputs are one row per sample)."""
+        Xs, Ys, Vs = [], [], []
+        for x, y in zip(xs, ys):
+            if x.dim() == 1:
+                x, y = x[None], y[None]
+            if x.dim() == 2:  # (batch, K): one row per sample (only valid for row_tile == 1)
+                x, y = x[:, None, :], y[:, None, :]
+            K, N = x.shape[-1], y.shape[-1]
+            L = x.shape[-2]
+            x = x.reshape(-1, L, K).double()
+            y = y.reshape(-1, L, N).double()
+            B = x.shape[0]
+            Mt, Kt, Nt = math.ceil(L / n), math.ceil(K / t), math.ceil(N / t)
+            xp = F.pad(x, (0, Kt * t - K, 0, Mt * n - L))
+            yp = F.pad(y, (0, Nt * t - N, 0, Mt * n - L))
+            Xs.append(xp.reshape(B, Mt, n, Kt, t).permute(0, 1, 2, 4, 3).reshape(B * Mt, n * t, Kt))
+            Ys.append(yp.reshape(B, Mt, n, Nt, t).permute(0, 1, 2, 4, 3).reshape(B * Mt, n * t, Nt))
+            v = torch.full((Mt,), n, dtype=torch.long)
+            v[-1] = L - (Mt - 1) * n
+            Vs.append(v.repeat(B))
+        return cls(torch.cat(Xs), torch.cat(Ys), torch.cat(Vs), n, t)
+
+    def row_mask(self) -> torch.Tensor:
+        """(A, n*t, 1) float mask: 1 on output entries of real rows."""
+        i = torch.arange(self.n).repeat_interleave(self.t)
+        return (i[None, :] < self.valid[:, None]).double()[..., None]
+
+
+def _predict(d: TileData, enc_x, w_hat, dec) -> torch.Tensor:
+    x_hat = torch.einsum("lj,ajc->lac", enc_x, d.Xt)
+    P = torch.bmm(x_hat, w_hat)
+    return torch.einsum("el,lab->aeb", dec, P)
+
+
+def tile_error(d: TileData, enc_x, w_hat, dec) -> tuple[float, float]:
+    """(relative Frobenius error, SQNR in dB) of the STL output against the target on real rows."""
+    diff = (_predict(d, enc_x.double(), w_hat.double(), dec.double()) - d.Yt) * d.row_mask()
+    num = float(diff.pow(2).sum())
+    den = float(d.Yt.pow(2).sum())
+    rel = math.sqrt(num / den) if den > 0 else float("nan")
+    sqnr = 10 * math.log10(den / num) if num > 0 else float("inf")
+    return rel, sqnr
+
+
+def _groups(d: TileData):
+    """Yield (valid_rows, index tensor) for each distinct number of real rows per tile."""
+    for v in torch.unique(d.valid).tolist():
+        yield int(v), torch.nonzero(d.valid == v).squeeze(1)
+
+
+def _solve(G: torch.Tensor, H: torch.Tensor, ridge: float) -> torch.Tensor:
+    dim = G.shape[0]
+    lam = ridge * float(torch.diagonal(G).mean()) if dim else 0.0
+    A = G + lam * torch.eye(dim, dtype=G.dtype)
+    try:
+        L = torch.linalg.cholesky(A)
+        return torch.cholesky_solve(H, L)
+    except RuntimeError:  # singular: minimum-norm least squares
+        return torch.linalg.lstsq(A, H, driver="gelsd").solution
+
+
+def fit_w_hat(d: TileData, enc_x: torch.Tensor, dec: torch.Tensor, ridge: float = 1e-8) -> torch.Tensor:
+    """Least-squares w_hat (r, Kt, Nt) given E_x (r, n*t) and D (n*t, r), via the normal equations."""
+    enc_x, dec = enc_x.double(), dec.double()
+    r, Kt, Nt = enc_x.shape[0], d.Xt.shape[2], d.Yt.shape[2]
+    t = d.t
+    G = torch.zeros(r * Kt, r * Kt, dtype=torch.float64)
+    Q = torch.einsum("el,aeb->lab", dec, d.Yt)  # padding rows of Yt are zero
+    x_hat = torch.einsum("lj,ajc->lac", enc_x, d.Xt)
+    H = torch.einsum("lac,lab->lcb", x_hat, Q).reshape(r * Kt, Nt)
+    for v, idx in _groups(d):
+        Dv = dec[: v * t]
+        DtD = Dv.T @ Dv
+        xa = x_hat[:, idx, :].permute(1, 0, 2).reshape(len(idx), r * Kt)
+        G += (xa.T @ xa) * DtD.repeat_interleave(Kt, 0).repeat_interleave(Kt, 1)
+    return _solve(G, H, ridge).reshape(r, Kt, Nt)
+
+
+def fit_w_hat_reference(d: TileData, enc_x: torch.Tensor, dec: torch.Tensor) -> torch.Tensor:
+    """Slow path: build the design matrix column by column (autograd Jacobian) and call lstsq."""
+    enc_x, dec = enc_x.double(), dec.double()
+    r, Kt, Nt = enc_x.shape[0], d.Xt.shape[2], d.Yt.shape[2]
+    mask = d.row_mask()[..., 0].bool()  # (A, n*t)
+
+    def f(w_col):  # w_col (r, Kt) -> outputs of one column block b, real rows only
+        y = _predict(d, enc_x, w_col[..., None], dec)[..., 0]
+        return y[mask]
+
+    Z = torch.autograd.functional.jacobian(f, torch.zeros(r, Kt, dtype=torch.float64)).reshape(-1, r * Kt)
+    rhs = d.Yt.permute(0, 1, 2)[mask]  # (rows, Nt)
+    sol = torch.linalg.lstsq(Z, rhs, driver="gelsd").solution
+    return sol.reshape(r, Kt, Nt)
+
+
+def fit_dec(d: TileData, enc_x: torch.Tensor, w_hat: torch.Tensor, ridge: float = 1e-8) -> torch.Tensor:
+    """Least-squares D (n*t, r) given E_x and w_hat: one r x r solve per output row of the tile."""
+    enc_x, w_hat = enc_x.double(), w_hat.double()
+    P = torch.bmm(torch.einsum("lj,ajc->lac", enc_x, d.Xt), w_hat)  # (r, A, Nt)
+    r, t = P.shape[0], d.t
+    dec = torch.zeros(d.n * t, r, dtype=torch.float64)
+    for i in range(d.n):
+        sel = d.valid > i
+        Pi = P[:, sel, :].reshape(r, -1)
+        Ri = d.Yt[sel][:, i * t:(i + 1) * t, :].permute(1, 0, 2).reshape(t, -1)
+        dec[i * t:(i + 1) * t] = _solve(Pi @ Pi.T, (Ri @ Pi.T).T, ridge).T
+    return dec
+
+
+def fit_enc_x(d: TileData, dec: torch.Tensor, w_hat: torch.Tensor, ridge: float = 1e-8, chunk: int = 1024,
+              method: str = "auto") -> torch.Tensor:
+    """Least-squares E_x (r, n*t) given D and w_hat (unknowns (l, ij), r*n*t of them).
+
+    With F[l, a, ij, b] = sum_c Xt[a, ij, c] w_hat[l, c, b] the normal equations are
+    G[(l,ij), (l',ij')] = sum_a (D_a^T D_a)[l, l'] sum_b F[l,a,ij,b] F[l',a,ij',b] and
+    H[(l,ij)] = sum_{a,b} (D^T Yt[a])[l, b] F[l, a, ij, b].
+    ``method="data"`` forms F chunk by chunk (cost ~ A Nt (r n t)^2, the reference path);
+    ``"gram"`` contracts the input Gram S[(ij,c),(ij',c')] = sum_a Xt Xt with
+    (w_hat_l w_hat_l'^T)[c, c'] instead (cost ~ A (n t Kt)^2 + r^2 (n t Kt)^2, independent of N);
+    ``"auto"`` picks "gram" when its matrices fit in ~256 MB.
+    """
+    dec, w_hat = dec.double(), w_hat.double()
+    r, nt = w_hat.shape[0], d.Xt.shape[1]
+    Kt = d.Xt.shape[2]
+    t = d.t
+    if method == "auto":
+        method = "gram" if 8 * max(r * r * Kt * Kt, (nt * Kt) ** 2) < 256 * 2**20 else "data"
+    if method not in ("gram", "data"):
+        raise ValueError(f"method must be 'auto', 'gram' or 'data', got {method!r}")
+    G = torch.zeros(r * nt, r * nt, dtype=torch.float64)
+    H = torch.zeros(r * nt, dtype=torch.float64)
+    if method == "gram":
+        WW = torch.einsum("lcb,LCb->lLcC", w_hat, w_hat)
+        Q = torch.einsum("el,aeb->lab", dec, d.Yt)
+        R = torch.bmm(Q, w_hat.transpose(1, 2))  # (r, A, Kt): sum_b Q[l,a,b] w_hat[l,c,b]
+        H = torch.einsum("ajc,lac->lj", d.Xt, R).reshape(-1)
+        for v, idx in _groups(d):
+            Dv = dec[: v * t]
+            Xa = d.Xt[idx].reshape(len(idx), nt * Kt)
+            S = (Xa.T @ Xa).reshape(nt, Kt, nt, Kt)
+            Gv = torch.einsum("lLcC,jcJC->ljLJ", WW, S).reshape(r * nt, r * nt)
+            G += Gv * (Dv.T @ Dv).repeat_interleave(nt, 0).repeat_interleave(nt, 1)
+        return _solve(G, H[:, None], ridge)[:, 0].reshape(r, nt)
+    for v, idx in _groups(d):
+        Dv = dec[: v * t]
+        DtD_big = (Dv.T @ Dv).repeat_interleave(nt, 0).repeat_interleave(nt, 1)
+        for s in range(0, len(idx), chunk):
+            ids = idx[s:s + chunk]
+            Fm = torch.einsum("ajc,lcb->lajb", d.Xt[ids], w_hat)  # (r, a, nt, Nt)
+            Q = torch.einsum("el,aeb->lab", dec, d.Yt[ids])  # (r, a, Nt)
+            Ff = Fm.permute(0, 2, 1, 3).reshape(r * nt, -1)  # ((l,j), (a,b))
+            G += (Ff @ Ff.T) * DtD_big
+            H += torch.einsum("lajb,lab->lj", Fm, Q).reshape(-1)
+    return _solve(G, H[:, None], ridge)[:, 0].reshape(r, nt)
+
+
+# ------------------------------------------------------------------ report
+@dataclass
+class LayerCalibration:
+    name: str
+    shape: str
+    format: tuple
+    rank: int
+    rows: int
+    rel_err_before: float
+    sqnr_db_before: float
+    rel_err_after: float
+    sqnr_db_after: float
+    history: list = field(default_factory=list)  # (step, rel_err) after each fit step
+    rel_err_heldout_before: float | None = None
+    rel_err_heldout_after: float | None = None
+
+
+@dataclass
+class CalibrationReport:
+    layers: list[LayerCalibration]
+
+    def to_dict(self) -> dict:
+        return {"layers": [asdict(layer) for layer in self.layers]}
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), indent=kw.pop("indent", 2), **kw)
+
+    def table(self) -> str:
+        head = (f"{'layer':<32} {'shape':<12} {'format':<9} {'r':>3} {'rows':>7} {'rel.err before':>14} "
+                f"{'SQNR dB':>8} {'rel.err after':>13} {'SQNR dB':>8}")
+        lines = [head, "-" * len(head)]
+        for c in self.layers:
+            fmt = "<{},{},{}>".format(*c.format)
+            lines.append(
+                f"{c.name[:32]:<32} {c.shape:<12} {fmt:<9} {c.rank:>3} {c.rows:>7} {c.rel_err_before:>14.4f} "
+                f"{c.sqnr_db_before:>8.2f} {c.rel_err_after:>13.4f} {c.sqnr_db_after:>8.2f}"
+            )
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ driver
+class _Stop(Exception):
+    pass
+
+
+def _call(model, batch):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _record(model, names: list[str], batches, stop_after: str | None = None) -> dict[str, list[torch.Tensor]]:
+    """Run ``model`` on ``batches`` and return the first positional input each named module received."""
+    mods = dict(model.named_modules())
+    rec: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = []
+
+    def make(name):
+        def hook(module, args, kwargs=None):
+            x = args[0] if args else next(iter(kwargs.values()))
+            rec[name].append(x.detach().to("cpu", torch.float64))
+            if stop_after == name:
+                raise _Stop
+
+        return hook
+
+    for n in names:
+        if n not in mods:
+            raise KeyError(f"module {n!r} not found in the model used for recording")
+        handles.append(mods[n].register_forward_pre_hook(make(n)))
+    try:
+        with torch.no_grad():
+            for b in batches:
+                try:
+                    _call(model, b)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return rec
+
+
+def _dense_weight(name: str, layer: STLinear, reference: nn.Module | None) -> torch.Tensor:
+    if reference is not None:
+        ref = dict(reference.named_modules()).get(name)
+        if ref is None:
+            raise KeyError(f"calibrate_: reference model has no module {name!r}; it must be the dense model the "
+                           f"converted one was made from (same module names)")
+        w = getattr(ref, "weight", None)
+        if w is None or tuple(w.shape) != (layer.out_features, layer.in_features):
+            raise ValueError(f"calibrate_: reference {name!r} must be an nn.Linear({layer.in_features}, "
+                             f"{layer.out_features}), got {ref!r}")
+        return w.detach().to("cpu", torch.float64)
+    w = getattr(layer, "dense_weight", None)
+    if w is None:
+        raise ValueError(
+            f"calibrate_: {name} has no dense_weight buffer and no reference model was given. Pass reference=<the "
+            f"dense model before conversion>, or convert with strassenify_(..., STLConfig(keep_dense_weight=True))"
+        )
+    return w.detach().to("cpu", torch.float64)
+
+
+def _as_list(batches, what):
+    if batches is None:
+        return None
+    if isinstance(batches, torch.Tensor):
+        return [batches]
+    out = list(batches)
+    if not out:
+        raise ValueError(f"{what} is empty: pass a few batches of model inputs")
+    return out
+
+
+def calibrate_(
+    model: nn.Module,
+    batches,
+    reference: nn.Module | None = None,
+    alternate: int = 0,
+    sequential: bool = True,
+    layers: list[str] | None = None,
+    fit_enc: bool = True,
+    ridge: float = 1e-6,
+    heldout=None,
+    progress: bool = True,
+) -> CalibrationReport:
+    """Fit the STLinear layers of ``model`` to real activations, in place; returns a report.
+
+    Args:
+        model: a model converted by :func:`strassenify_` (or any model holding STLinear layers).
+        batches: a few batches of model inputs (tensor -> model(t), tuple -> model(*t), dict -> model(**t)).
+        reference: the dense model before conversion; its nn.Linear weights (matched by module name)
+            define the targets. Without it each layer uses its ``dense_weight`` buffer.
+        alternate: extra rounds of (D-step, E_x-step, w_hat-step) after the first w_hat fit
+            (``fit_enc=False`` keeps E_x fixed and alternates D and w_hat only).
+        sequential: fit layers one by one in module order, each on the inputs it sees in the
+            converted model after the earlier layers were calibrated (default). ``False`` records all
+            layers in one pass (from ``reference`` if given, else from the converted model).
+        layers: restrict to these STLinear module names.
+        ridge: Tikhonov term relative to the mean diagonal of each normal-equation matrix.
+        heldout: optional batches (not used for fitting) on which the error is also reported.
+
+    The objective per layer is ||X W^T - STL(X, w_hat)||_F over the real rows of the recorded inputs
+    X. Reported per layer: relative error ||.||/||X W^T|| and SQNR = 20 log10(1/rel.err) dB, before
+    and after.
+    """
+    batches = _as_list(batches, "batches")
+    heldout = _as_list(heldout, "heldout")
+    stl = [(n, m) for n, m in model.named_modules() if isinstance(m, STLinear)]
+    if layers is not None:
+        missing = sorted(set(layers) - {n for n, _ in stl})
+        if missing:
+            raise KeyError(f"calibrate_: layers {missing} are not STLinear modules of the model")
+        stl = [(n, m) for n, m in stl if n in layers]
+    if not stl:
+        warnings.warn("calibrate_: the model has no STLinear layer to calibrate", stacklevel=2)
+        return CalibrationReport([])
+    weights = {n: _dense_weight(n, m, reference) for n, m in stl}
+    was_training = model.training
+    model.eval()
+    if reference is not None:
+        reference.eval()
+    pre = None
+    if not sequential:
+        src = reference if reference is not None else model
+        pre = _record(src, [n for n, _ in stl], batches)
+    results = []
+    bar = tqdm(stl, desc="calibrate", disable=not progress, leave=False)
+    try:
+        for name, layer in bar:
+            xs = pre[name] if pre is not None else _record(model, [name], batches, stop_after=name)[name]
+            W = weights[name]
+            ys = [x @ W.T for x in xs]
+            d = TileData.from_activations(xs, ys, layer.row_tile, layer.tile)
+            enc_x, dec, w_hat = (p.detach().cpu().double() for p in (layer.enc_x, layer.dec, layer.w_hat))
+            rel0, sq0 = tile_error(d, enc_x, w_hat, dec)
+            hist = []
+            w_hat = fit_w_hat(d, enc_x, dec, ridge)
+            hist.append(("w_hat", tile_error(d, enc_x, w_hat, dec)[0]))
+            for _ in range(alternate):
+                dec = fit_dec(d, enc_x, w_hat, ridge)
+                hist.append(("dec", tile_error(d, enc_x, w_hat, dec)[0]))
+                if fit_enc:
+                    enc_x = fit_enc_x(d, dec, w_hat, ridge)
+                    hist.append(("enc_x", tile_error(d, enc_x, w_hat, dec)[0]))
+                w_hat = fit_w_hat(d, enc_x, dec, ridge)
+                hist.append(("w_hat", tile_error(d, enc_x, w_hat, dec)[0]))
+            rel1, sq1 = tile_error(d, enc_x, w_hat, dec)
+            hb = ha = None
+            if heldout is not None:
+                hx = _record(model, [name], heldout, stop_after=name)[name]
+                dh = TileData.from_activations(hx, [x @ W.T for x in hx], layer.row_tile, layer.tile)
+                hb = tile_error(dh, layer.enc_x.detach().cpu(), layer.w_hat.detach().cpu(), layer.dec.detach().cpu())[0]
+                ha = tile_error(dh, enc_x, w_hat, dec)[0]
+            with torch.no_grad():
+                layer.w_hat.copy_(w_hat.to(layer.w_hat))
+                layer.dec.copy_(dec.to(layer.dec))
+                layer.enc_x.copy_(enc_x.to(layer.enc_x))
+            results.append(LayerCalibration(
+                name, f"{layer.in_features}->{layer.out_features}", layer.format, layer.rank,
+                int((d.valid).sum()), rel0, sq0, rel1, sq1, hist, hb, ha,
+            ))
+            bar.set_postfix(layer=name, err=f"{rel0:.3f}->{rel1:.3f}")
+    finally:
+        model.train(was_training)
+    return CalibrationReport(results)
