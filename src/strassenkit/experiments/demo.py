@@ -40,6 +40,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=15, help="timed forward passes per model (median is reported)")
     parser.add_argument("--out", default="results/demo", help="folder for summary.json ('' to skip writing)")
 
 
@@ -129,7 +130,7 @@ def run(args) -> int:
                 "params": sum(p.numel() for p in model.parameters()), "train_seconds": train_s,
                 **linear_cost(model, x_te[:1]),
             })
-        times = forward_times(models, x_te)
+        times = forward_times(models, x_te, repeats=args.repeats)
         for rec in records[-2:]:
             rec["forward_ratio_vs_dense"] = times[rec["model"]] / times["dense"]
     print(format_table(records))
