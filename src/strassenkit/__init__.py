@@ -7,7 +7,9 @@ Layers (bottom to top): ``algorithms`` <- ``functional`` <- ``nn`` <- ``surgery`
 from . import algorithms, functional
 from .nn import STLinear
 from .nn import SPNBilinear, SPNConv2d, SPNLinear, set_phase
+from .surgery import SPNConfig, STLConfig, calibrate_, densify_, inspect_targets, strassenify_
 
 __version__ = "0.1.0"
 
-__all__ = ["algorithms", "functional", "STLinear", "SPNBilinear", "SPNLinear", "SPNConv2d", "set_phase", "__version__"]
+__all__ = ["algorithms", "functional", "STLinear", "SPNBilinear", "SPNLinear", "SPNConv2d", "set_phase", "__version__",
+           "strassenify_", "inspect_targets", "calibrate_", "densify_", "STLConfig", "SPNConfig"]

@@ -94,39 +94,53 @@ class STLConfig(_ConfigBase):
 class SPNConfig(_ConfigBase):
     """Replace nn.Linear / nn.Conv2d by StrassenNets layers (``SPNLinear`` / ``SPNConv2d``).
 
+    The new layers are initialized from the dense ones by truncated SVD (``from_linear`` /
+    ``from_conv2d`` in :mod:`strassenkit.nn.spn`): exact when the rank is at least the dense map's
+    rank, which is the default.
+
     Fields:
-        rank: hidden width r of the sum-product network, or None to use ``rank_ratio``.
+        rank: hidden width r of the sum-product network; None (with rank_ratio None) takes the exact
+            SVD rank (min(K, N) for Linear).
         rank_ratio: r as a multiple of the layer's output width (out_features / out_channels);
-            exactly one of ``rank`` and ``rank_ratio`` must be set.
-        ternary: quantize the encoders to {-1, 0, 1} (trained with straight-through estimates).
-        out_patch: spatial output patch of SPNConv2d (1 = per output pixel).
-        groups: channel groups of SPNConv2d (must divide the conv's channels).
+            at most one of ``rank`` and ``rank_ratio`` may be set.
+        ternary: start in the "ternary" phase (encoders and decoder quantized to scale*{-1,0,1},
+            straight-through gradients). Default False: start in "full" precision and switch later
+            with :func:`strassenkit.nn.phase.set_phase`, as the StrassenNets recipe does.
+        quantizer: "twn" (threshold from the mean magnitude) or "fixed".
+        out_patch: spatial output patch p of SPNConv2d (1 = per output pixel).
+        groups: None (the conv's own groups, the only mode ``from_conv2d`` supports) or that same
+            number (a different value raises).
+        seed: seed for the extra hidden units beyond the matrix rank.
         version: config schema version.
     """
 
     rank: int | None = None
     rank_ratio: float | None = None
-    ternary: bool = True
+    ternary: bool = False
+    quantizer: str = "twn"
     out_patch: int = 1
-    groups: int = 1
+    groups: int | None = None
+    seed: int = 0
     version: int = 1
 
     def __post_init__(self):
-        if (self.rank is None) == (self.rank_ratio is None):
-            raise ValueError(f"SPNConfig needs exactly one of rank= and rank_ratio=, got rank={self.rank!r}, rank_ratio={self.rank_ratio!r}")
+        if self.rank is not None and self.rank_ratio is not None:
+            raise ValueError(f"SPNConfig takes at most one of rank= and rank_ratio=, got rank={self.rank!r}, rank_ratio={self.rank_ratio!r}")
         _check_int("rank", self.rank, allow_none=True)
         if self.rank_ratio is not None and not (isinstance(self.rank_ratio, (int, float)) and self.rank_ratio > 0):
             raise ValueError(f"rank_ratio must be a positive number, got {self.rank_ratio!r}")
         _check_int("out_patch", self.out_patch)
-        _check_int("groups", self.groups)
+        _check_int("groups", self.groups, allow_none=True)
+        if self.quantizer not in ("twn", "fixed"):
+            raise ValueError(f"quantizer must be 'twn' or 'fixed', got {self.quantizer!r}")
         if self.version != self.VERSION:
             raise ValueError(f"SPNConfig version {self.version} is not supported (this strassenkit reads version {self.VERSION})")
 
-    def rank_for(self, out_width: int) -> int:
-        """The rank used for a layer with ``out_width`` outputs."""
-        if self.rank is not None:
-            return self.rank
-        return max(1, int(round(self.rank_ratio * out_width)))
+    def rank_for(self, out_width: int) -> int | None:
+        """The rank used for a layer with ``out_width`` outputs (None: the exact SVD rank)."""
+        if self.rank_ratio is not None:
+            return max(1, int(round(self.rank_ratio * out_width)))
+        return self.rank
 
 
 # ------------------------------------------------------------------ registry

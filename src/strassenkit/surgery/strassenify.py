@@ -70,18 +70,24 @@ def _spn_classes():
 def _spn_transform(module: nn.Module, config: SPNConfig, name: str) -> nn.Module:
     SPNLinear, SPNConv2d = _spn_classes()
     if isinstance(module, nn.Linear):
-        return SPNLinear.from_linear(module, rank=config.rank_for(module.out_features), ternary=config.ternary)
-    if isinstance(module, nn.Conv2d):
-        if module.in_channels % config.groups or module.out_channels % config.groups:
+        new = SPNLinear.from_linear(module, rank=config.rank_for(module.out_features), quantizer=config.quantizer,
+                                    seed=config.seed)
+    elif isinstance(module, nn.Conv2d):
+        if config.groups is not None and config.groups != module.groups:
             raise ValueError(
-                f"{name}: SPNConfig.groups={config.groups} must divide in_channels={module.in_channels} and "
-                f"out_channels={module.out_channels}"
+                f"{name}: SPNConfig.groups={config.groups} but the conv has groups={module.groups}; SPNConv2d keeps "
+                f"the conv's groups (use groups=None)"
             )
-        return SPNConv2d.from_conv2d(
-            module, rank=config.rank_for(module.out_channels), out_patch=config.out_patch, groups=config.groups,
-            ternary=config.ternary,
-        )
-    raise TypeError(f"{name}: SPNConfig converts nn.Linear and nn.Conv2d, got {type(module).__name__}")
+        rank = config.rank_for(module.out_channels)
+        if rank is not None and rank % module.groups:
+            rank = max(module.groups, rank // module.groups * module.groups)
+        new = SPNConv2d.from_conv2d(module, rank=rank, out_patch=config.out_patch, quantizer=config.quantizer,
+                                    seed=config.seed)
+    else:
+        raise TypeError(f"{name}: SPNConfig converts nn.Linear and nn.Conv2d, got {type(module).__name__}")
+    if config.ternary:
+        new.set_phase("ternary")
+    return new
 
 
 # ------------------------------------------------------------------ matching
@@ -347,11 +353,13 @@ class InspectReport:
         return {"causal": self.causal, "rows": rows, "example_error": self.example_error}
 
     def table(self) -> str:
-        head = f"{'module':<36} {'type':<10} {'shape':<28} {'status':<12} {'MACs/row dense':>14} {'MACs/row new':>13}  note"
+        total = any("dense_macs" in r.cost for r in self.rows)  # example inputs: whole-pass MACs
+        unit = "MACs" if total else "MACs/row"
+        head = f"{'module':<36} {'type':<10} {'shape':<28} {'status':<12} {unit + ' dense':>14} {unit + ' new':>13}  note"
         lines = [head, "-" * len(head)]
         for r in self.rows:
-            dense = r.cost.get("dense_macs_per_row")
-            newc = r.cost.get("macs_per_row")
+            dense = r.cost.get("dense_macs" if total else "dense_macs_per_row")
+            newc = r.cost.get("macs" if total else "macs_per_row")
             note = r.reason or (f"-> {r.new_type} {r.config.get('type', '')}" if r.status == "convert" and r.config else "")
             lines.append(
                 f"{r.name[:36]:<36} {r.module_type[:10]:<10} {r.shape[:28]:<28} {r.status:<12} "
