@@ -1,0 +1,216 @@
+"""``strassenkit train``: train a built-in small task with the resumable training loop.
+
+Tasks (all offline):
+- ``synthetic``: sequence classification, x (n, 8, 16) Gaussian, 4 classes given by a fixed random
+  two-layer network of the token mean; model: token MLP (Linear 16->32, 32->32) + mean + head.
+- ``synthetic-lm``: next-token prediction on a random 16-symbol Markov chain (sequences of 16);
+  model: embedding -> Linear -> GELU -> Linear head. Marked causal (``model.is_causal = True``), so
+  STL conversion uses row_tile=1.
+- ``digits``: the small ViT of :mod:`strassenkit.models.vit` on scikit-learn's real 8x8 digits.
+
+Examples::
+
+    strassenkit train --task digits --stl --steps 300 --out runs/digits-stl
+    strassenkit train --task digits --stl --steps 300 --out runs/digits-stl --resume   # after a kill
+    torchrun --nproc_per_node=2 -m strassenkit train --task synthetic --out runs/ddp
+    strassenkit train --config my.json --out runs/x
+
+``--config`` JSON: ``{"task": "digits", "train": {TrainConfig fields}, "surgery": {"config":
+{"type": "STLConfig", "tile": 4, "rank": 24}, "targets": "all-linear"}}``. Command-line options
+override it. With ``--resume`` and an existing checkpoint, the checkpoint's stored config is used,
+so the resumed run continues exactly the run that was killed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TASKS = ("synthetic", "synthetic-lm", "digits")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--task", choices=TASKS, default=None, help="built-in task (default synthetic)")
+    parser.add_argument("--out", required=True, help="output directory (metrics.jsonl, checkpoints/, summary.json)")
+    parser.add_argument("--config", default=None, help="JSON file with task / train / surgery settings")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="global batch size")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default 1; 0 = torch default)")
+    parser.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast on CPU")
+    parser.add_argument("--ckpt-every", type=int, default=None)
+    parser.add_argument("--eval-every", type=int, default=None)
+    parser.add_argument("--stl", action="store_true", help="convert all linear layers (except the head) to STLinear")
+    parser.add_argument("--spn", action="store_true", help="convert all linear layers (except the head) to SPNLinear")
+    parser.add_argument("--tile", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=24)
+    parser.add_argument("--init", default="random", help="STL init family or catalogue name")
+    parser.add_argument("--row-tile", type=int, default=None)
+    parser.add_argument("--enc-lr-mult", type=float, default=None, help="lr multiplier for STL enc_x and dec")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+# ------------------------------------------------------------------ tasks
+class TokenMLP(nn.Module):
+    """(B, L, d_in) -> (B, classes): token-wise MLP, mean over tokens, linear head."""
+
+    def __init__(self, d_in=16, hidden=32, classes=4):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        h = F.gelu(self.fc2(F.gelu(self.fc1(x))))
+        return self.head(h.mean(dim=1))
+
+
+class BigramLM(nn.Module):
+    """(B, L) tokens -> (B, L, vocab) logits; each position sees only its own token (causal)."""
+
+    is_causal = True
+
+    def __init__(self, vocab=16, dim=32):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.fc = nn.Linear(dim, dim)
+        self.lm_head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens):
+        return self.lm_head(F.gelu(self.fc(self.emb(tokens))))
+
+
+def synthetic_data(n_train=2048, n_eval=512, seed=1234):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + n_eval, 8, 16, generator=g)
+    w1 = torch.randn(16, 32, generator=g) / 4
+    w2 = torch.randn(32, 4, generator=g) / math.sqrt(32)
+    y = (torch.tanh(x.mean(1) * 3 @ w1) @ w2).argmax(-1)
+    return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
+
+
+def synthetic_lm_data(n_train=2048, n_eval=256, vocab=16, length=17, seed=1234):
+    g = torch.Generator().manual_seed(seed)
+    trans = torch.softmax(torch.randn(vocab, vocab, generator=g) * 2.5, dim=-1)
+    seq = torch.empty(n_train + n_eval, length, dtype=torch.long)
+    seq[:, 0] = torch.randint(vocab, (len(seq),), generator=g)
+    for i in range(1, length):
+        seq[:, i] = torch.multinomial(trans[seq[:, i - 1]], 1, generator=g)[:, 0]
+    x, y = seq[:, :-1], seq[:, 1:]
+    return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
+
+
+def build(task: str, seed: int):
+    """(model, train_data, eval_data, train-config overrides) for a built-in task."""
+    torch.manual_seed(seed)
+    if task == "synthetic":
+        tr, ev = synthetic_data()
+        return TokenMLP(), tr, ev, {"task": "classification"}
+    if task == "synthetic-lm":
+        tr, ev = synthetic_lm_data()
+        return BigramLM(), tr, ev, {"task": "lm"}
+    if task == "digits":
+        from ..data.digits import load_digits_split
+        from ..models.vit import ViT
+
+        xtr, ytr, xte, yte = load_digits_split(seed=0)
+        return ViT(image_size=8, patch_size=2, dim=64, depth=2, heads=4), (xtr, ytr), (xte, yte), {"task": "classification"}
+    raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+
+
+def _resolve(args) -> dict:
+    """Merge --config JSON and command-line options into one JSON-able run config."""
+    cfg: dict = {"task": "synthetic", "train": {}, "surgery": None}
+    if args.config:
+        with open(args.config) as f:
+            user = json.load(f)
+        unknown = sorted(set(user) - {"task", "train", "surgery"})
+        if unknown:
+            raise ValueError(f"--config {args.config}: unknown keys {unknown}; allowed: task, train, surgery")
+        cfg.update(user)
+    if args.task:
+        cfg["task"] = args.task
+    tr = dict(cfg.get("train") or {})
+    for opt, key in (("steps", "steps"), ("batch_size", "batch_size"), ("lr", "lr"), ("seed", "seed"),
+                     ("threads", "threads"), ("bf16", "bf16"), ("ckpt_every", "ckpt_every"), ("eval_every", "eval_every")):
+        v = getattr(args, opt)
+        if v is not None:
+            tr[key] = v
+    tr.setdefault("steps", 200)
+    tr.setdefault("batch_size", 64)
+    tr.setdefault("lr", 3e-3)
+    tr.setdefault("ckpt_every", 50)
+    tr.setdefault("eval_every", 50)
+    if args.no_progress:
+        tr["progress"] = False
+    if args.stl and args.spn:
+        raise ValueError("choose one of --stl and --spn")
+    if args.stl:
+        cfg["surgery"] = {"config": {"type": "STLConfig", "tile": args.tile, "rank": args.rank, "init": args.init,
+                                     "row_tile": args.row_tile, "keep_dense_weight": False}, "targets": "all-linear"}
+    elif args.spn:
+        cfg["surgery"] = {"config": {"type": "SPNConfig", "rank_ratio": 0.5}, "targets": "all-linear"}
+    if args.enc_lr_mult is not None:
+        tr.setdefault("lr_groups", {})
+        tr["lr_groups"].update({"enc_x": args.enc_lr_mult, "dec": args.enc_lr_mult})
+    cfg["train"] = tr
+    return cfg
+
+
+def run_config(cfg: dict, out: str, resume: bool = False) -> dict:
+    """Build the task, convert, train; returns the final metrics. Used by the CLI and tests."""
+    from ..surgery import config_from_dict, strassenify_
+    from ..train import TrainConfig, latest_checkpoint, train
+
+    if resume:
+        ck = latest_checkpoint(out)
+        if ck is not None:
+            with open(os.path.join(ck, "state.json")) as f:
+                stored = json.load(f)["config"]
+            cfg = {"task": stored["task"], "train": stored["train"], "surgery": stored.get("surgery")}
+    tcfg = TrainConfig.from_dict(dict(cfg["train"]))
+    model, tr, ev, over = build(cfg["task"], tcfg.seed)
+    if tcfg.task != over["task"]:
+        tcfg = TrainConfig.from_dict({**tcfg.to_dict(), "task": over["task"]})
+    if cfg.get("surgery"):
+        s = cfg["surgery"]
+        strassenify_(model, config_from_dict(s["config"]), targets=s.get("targets", "all-linear"))
+    full = {"task": cfg["task"], "train": tcfg.to_dict(), "surgery": cfg.get("surgery")}
+    if int(os.environ.get("RANK", "0")) == 0:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(full, f, indent=2)
+    result = train(model, tr, tcfg, out_dir=out, eval_data=ev, resume=resume,
+                   extra_config={"task": cfg["task"], "surgery": cfg.get("surgery")})
+    if int(os.environ.get("RANK", "0")) == 0:
+        from ..cost import count
+
+        rep = count(model, ev[0][:1])
+        result["macs_per_sample"] = rep.macs
+        result["dense_macs_per_sample"] = rep.dense_macs
+        result["params"] = sum(p.numel() for p in model.parameters())
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def run(args) -> int:
+    from ..train import NonFiniteLossError
+
+    try:
+        cfg = _resolve(args)
+        result = run_config(cfg, args.out, resume=args.resume)
+    except NonFiniteLossError as e:
+        print(f"strassenkit train: stopped: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result, indent=2))
+    return 0
