@@ -41,10 +41,12 @@ def group_runs(records: list[dict], key: str = "model") -> dict[str, list[dict]]
 
 def train_classifier(model, x, y, *, epochs: int, batch_size: int, lr: float, seed: int, desc: str,
                      weight_decay: float = 0.05, teacher=None, kd_loss: Callable | None = None,
-                     augment: Callable | None = None, clip: float = 1.0) -> float:
+                     augment: Callable | None = None, clip: float = 1.0,
+                     on_step: Callable[[int, int], None] | None = None) -> float:
     """AdamW + one-cycle schedule; returns the wall-clock training seconds.
 
     ``teacher``/``kd_loss``: if given, the loss is ``kd_loss(student_logits, teacher_logits, labels)``.
+    ``on_step(step, total_steps)`` is called before every step (e.g. to switch training phases).
     """
     g = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -56,11 +58,15 @@ def train_classifier(model, x, y, *, epochs: int, batch_size: int, lr: float, se
         teacher.eval()
     bar = tqdm(total=steps, desc=desc, leave=False, unit="step", mininterval=2.0)
     t0 = time.perf_counter()
+    step = 0
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), batch_size):
             idx = perm[i: i + batch_size]
             xb, yb = x[idx], y[idx]
+            if on_step is not None:
+                on_step(step, steps)
+            step += 1
             if augment is not None:
                 xb = augment(xb, g)
             out = model(xb)
@@ -148,3 +154,107 @@ def merge_runs(out_dir: str | Path, records: list[dict], meta: dict, key=("seed"
     kept = [r for r in old["runs"] if tuple(r.get(k) for k in key) not in new_keys]
     prev = old["meta"].get("previous_configs", []) + [old["meta"].get("config")]
     return kept + records, {**meta, "previous_configs": prev, "previous_scale": old["meta"].get("scale")}
+
+
+# ---------------------------------------------------------------- StrassenNets accounting
+def _spn_fallback_cost(module, inputs, output) -> dict:
+    """Mults/adds of one SPN layer in its ternary form when strassenkit.cost has no SPN counter yet.
+
+    Multiplications: the r products (a_hat scaling) per output patch / row; additions: ternary W_b and W_c
+    applied as additions only (cost.matrix_op_cost on the ternary values), plus the bias.
+    """
+    from .. import cost
+    from ..nn.spn import SPNConv2d, SPNLinear
+
+    vb, _ = module.ternary_parts("w_b")
+    vc, _ = module.ternary_parts("w_c")
+    if isinstance(module, SPNLinear):
+        apps = inputs[0].numel() // module.in_features
+        mb, ab = cost.matrix_op_cost(vb.float(), apps)
+        mc, ac = cost.matrix_op_cost(vc.float(), apps)
+        mults = module.rank * apps + mb + mc
+        adds = ab + ac + (apps * module.out_features if module.bias is not None else 0)
+        dense = apps * module.in_features * module.out_features
+    elif isinstance(module, SPNConv2d):
+        x = inputs[0]
+        B = x.shape[0]
+        oh, ow = output.shape[-2:]
+        qh, qw = module.out_patch
+        patches = B * -(-oh // qh) * -(-ow // qw)
+        g = module.groups
+        mb, ab = cost.matrix_op_cost(vb.reshape(module.rank, -1).float(), patches)  # (r, C_in/g * window)
+        wc = vc.reshape(g, module.rank // g, -1).transpose(1, 2)  # (g, C_out/g*p*p, r/g)
+        mc, ac = 0, 0
+        for gi in range(g):
+            m_, a_ = cost.matrix_op_cost(wc[gi].float(), patches)
+            mc, ac = mc + m_, ac + a_
+        mults = module.rank * patches + mb + mc
+        adds = ab + ac + (output.numel() if module.bias is not None else 0)
+        kh, kw = module.kernel_size
+        dense = output.numel() * (module.in_channels // g) * kh * kw
+    else:  # pragma: no cover
+        raise TypeError(type(module).__name__)
+    return {"mults": mults, "adds": adds, "dense_macs": dense}
+
+
+def model_bits(model) -> int:
+    """Storage bits: 2 bits per ternary matrix entry of SPN layers (in ternary phases), 32 bits otherwise."""
+    from ..nn.spn import SPNModule
+
+    bits = 0
+    ternary_ids = set()
+    for m in model.modules():
+        if isinstance(m, SPNModule):
+            for name in m.ternary_names():
+                if m.is_quantized(name):
+                    p = getattr(m, name)
+                    ternary_ids.add(id(p))
+                    bits += 2 * p.numel() + 32  # values + one scale
+    for p in model.parameters():
+        if id(p) not in ternary_ids:
+            bits += 32 * p.numel()
+    for name, b in model.named_buffers():
+        if "running_" in name:
+            bits += 32 * b.numel()
+    return bits
+
+
+def arithmetic_costs(model, x, exclude: tuple[str, ...] = ()) -> dict:
+    """Per-forward mults/adds of the counted layers, split into conv layers and all layers.
+
+    Layer names starting with a prefix in ``exclude`` are left out of the "conv" totals (but kept in "all").
+    SPN layers use strassenkit.cost's counter when one is registered, else :func:`_spn_fallback_cost`.
+    """
+    from .. import cost
+    from ..nn.spn import SPNModule
+
+    spn_rows = {}
+    handles = []
+    has_counter = cost._counter_for(next((m for m in model.modules() if isinstance(m, SPNModule)), None)) \
+        if any(isinstance(m, SPNModule) for m in model.modules()) else True
+    if not has_counter:
+        for name, m in model.named_modules():
+            if isinstance(m, SPNModule):
+                handles.append(m.register_forward_hook(
+                    lambda mod, i, o, name=name: spn_rows.__setitem__(name, (mod, _spn_fallback_cost(mod, i, o)))))
+    try:
+        rep = cost.count(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {"conv_mults": 0, "conv_adds": 0, "conv_dense_macs": 0, "mults": 0, "adds": 0,
+           "counter": "strassenkit.cost" if has_counter else "experiment fallback (no SPN counter in cost.py)"}
+    from ..nn.spn import SPNConv2d
+
+    modules = dict(model.named_modules())
+    rows = [(r.name, r.mults, r.adds, r.dense_macs) for r in rep.layers]
+    rows += [(name, c["mults"], c["adds"], c["dense_macs"]) for name, (mod, c) in spn_rows.items()]
+    for name, mults, adds, dense in rows:
+        out["mults"] += mults
+        out["adds"] += adds
+        is_conv = isinstance(modules.get(name), (torch.nn.Conv2d, SPNConv2d))
+        if is_conv and not any(name.startswith(e) for e in exclude):
+            out["conv_mults"] += mults
+            out["conv_adds"] += adds
+            out["conv_dense_macs"] += dense
+    return out
