@@ -7,6 +7,7 @@
 
 from .bilinear import BilinearAlgorithm, matmul_tensor, tensor_residual
 from .catalogue import available, from_formulas, get, register, schoolbook
+from .approximate import approximate  # registers the approximation families (als, truncate, polynomial)
 
 __all__ = [
     "BilinearAlgorithm",
@@ -17,4 +18,5 @@ __all__ = [
     "register",
     "schoolbook",
     "from_formulas",
+    "approximate",
 ]
