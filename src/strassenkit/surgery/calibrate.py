@@ -49,8 +49,10 @@ __all__ = ["calibrate_", "CalibrationReport", "LayerCalibration", "TileData", "f
 class TileData:
     """Recorded inputs and targets of one layer in tile layout (float64).
 
-    Xt: (A, n*t, Kt) input tiles; Yt: (A, n*t, Nt) target tiles (zero on padding rows);
-    valid: (A,) number of real rows in each row tile (n except at a sequence end).
+    Xt: (A, n*t, Kt) input tiles; Yt: (A, n*t, Nt) target tiles (zero on padding);
+    valid: (A,) number of real rows in each row tile (n except at a sequence end);
+    last_cols: real output columns in the last column block (t unless N % t != 0).
+    Padding rows and columns are excluded from every objective (the layer slices them away).
     """
 
     Xt: torch.Tensor
@@ -58,11 +60,13 @@ class TileData:
     valid: torch.Tensor
     n: int
     t: int
+    last_cols: int
 
     @classmethod
     def from_activations(cls, xs: list[torch.Tensor], ys: list[torch.Tensor], n: int, t: int) -> "TileData":
         """xs: inputs (..., L, K); ys: targets (..., L, N) (2-D inputs are one row per sample)."""
         Xs, Ys, Vs = [], [], []
+        N = None
         for x, y in zip(xs, ys):
             if x.dim() == 1:
                 x, y = x[None], y[None]
@@ -81,12 +85,34 @@ class TileData:
             v = torch.full((Mt,), n, dtype=torch.long)
             v[-1] = L - (Mt - 1) * n
             Vs.append(v.repeat(B))
-        return cls(torch.cat(Xs), torch.cat(Ys), torch.cat(Vs), n, t)
+        return cls(torch.cat(Xs), torch.cat(Ys), torch.cat(Vs), n, t, N - (math.ceil(N / t) - 1) * t)
 
-    def row_mask(self) -> torch.Tensor:
-        """(A, n*t, 1) float mask: 1 on output entries of real rows."""
+    def mask(self) -> torch.Tensor:
+        """(A, n*t, Nt) float mask: 1 on output entries of real rows and columns."""
         i = torch.arange(self.n).repeat_interleave(self.t)
-        return (i[None, :] < self.valid[:, None]).double()[..., None]
+        k = torch.arange(self.t).repeat(self.n)
+        Nt = self.Yt.shape[2]
+        rows = i[None, :] < self.valid[:, None]  # (A, e)
+        cols = torch.ones(self.n * self.t, Nt, dtype=torch.bool)
+        cols[:, -1] = k < self.last_cols
+        return (rows[:, :, None] & cols[None]).double()
+
+    def col_blocks(self):
+        """Yield (b slice, real columns per tile) for column blocks with the same mask."""
+        Nt = self.Yt.shape[2]
+        if self.last_cols == self.t:
+            yield slice(0, Nt), self.t
+        else:
+            if Nt > 1:
+                yield slice(0, Nt - 1), self.t
+            yield slice(Nt - 1, Nt), self.last_cols
+
+
+def _dtd(dec: torch.Tensor, n: int, t: int, v: int, kv: int) -> torch.Tensor:
+    """D_sub^T D_sub over decoder rows (i, k) with i < v real rows and k < kv real columns."""
+    r = dec.shape[1]
+    sub = dec.reshape(n, t, r)[:v, :kv].reshape(-1, r)
+    return sub.T @ sub
 
 
 def _predict(d: TileData, enc_x, w_hat, dec) -> torch.Tensor:
@@ -96,8 +122,8 @@ def _predict(d: TileData, enc_x, w_hat, dec) -> torch.Tensor:
 
 
 def tile_error(d: TileData, enc_x, w_hat, dec) -> tuple[float, float]:
-    """(relative Frobenius error, SQNR in dB) of the STL output against the target on real rows."""
-    diff = (_predict(d, enc_x.double(), w_hat.double(), dec.double()) - d.Yt) * d.row_mask()
+    """(relative Frobenius error, SQNR in dB) of the STL output against the target on real entries."""
+    diff = (_predict(d, enc_x.double(), w_hat.double(), dec.double()) - d.Yt) * d.mask()
     num = float(diff.pow(2).sum())
     den = float(d.Yt.pow(2).sum())
     rel = math.sqrt(num / den) if den > 0 else float("nan")
@@ -126,46 +152,56 @@ def fit_w_hat(d: TileData, enc_x: torch.Tensor, dec: torch.Tensor, ridge: float 
     """Least-squares w_hat (r, Kt, Nt) given E_x (r, n*t) and D (n*t, r), via the normal equations."""
     enc_x, dec = enc_x.double(), dec.double()
     r, Kt, Nt = enc_x.shape[0], d.Xt.shape[2], d.Yt.shape[2]
-    t = d.t
-    G = torch.zeros(r * Kt, r * Kt, dtype=torch.float64)
-    Q = torch.einsum("el,aeb->lab", dec, d.Yt)  # padding rows of Yt are zero
+    Q = torch.einsum("el,aeb->lab", dec, d.Yt)  # padding of Yt is zero
     x_hat = torch.einsum("lj,ajc->lac", enc_x, d.Xt)
     H = torch.einsum("lac,lab->lcb", x_hat, Q).reshape(r * Kt, Nt)
+    S = {}
     for v, idx in _groups(d):
-        Dv = dec[: v * t]
-        DtD = Dv.T @ Dv
         xa = x_hat[:, idx, :].permute(1, 0, 2).reshape(len(idx), r * Kt)
-        G += (xa.T @ xa) * DtD.repeat_interleave(Kt, 0).repeat_interleave(Kt, 1)
-    return _solve(G, H, ridge).reshape(r, Kt, Nt)
+        S[v] = xa.T @ xa
+    out = torch.empty(r * Kt, Nt, dtype=torch.float64)
+    for cols, kv in d.col_blocks():
+        G = torch.zeros(r * Kt, r * Kt, dtype=torch.float64)
+        for v, Sv in S.items():
+            G += Sv * _dtd(dec, d.n, d.t, v, kv).repeat_interleave(Kt, 0).repeat_interleave(Kt, 1)
+        out[:, cols] = _solve(G, H[:, cols], ridge)
+    return out.reshape(r, Kt, Nt)
 
 
 def fit_w_hat_reference(d: TileData, enc_x: torch.Tensor, dec: torch.Tensor) -> torch.Tensor:
-    """Slow path: build the design matrix column by column (autograd Jacobian) and call lstsq."""
+    """Slow path: per output column block, the explicit design matrix (autograd Jacobian) and lstsq."""
     enc_x, dec = enc_x.double(), dec.double()
     r, Kt, Nt = enc_x.shape[0], d.Xt.shape[2], d.Yt.shape[2]
-    mask = d.row_mask()[..., 0].bool()  # (A, n*t)
+    mask = d.mask().bool()  # (A, n*t, Nt)
+    out = torch.empty(r, Kt, Nt, dtype=torch.float64)
+    for b in range(Nt):
+        mb = mask[:, :, b]
 
-    def f(w_col):  # w_col (r, Kt) -> outputs of one column block b, real rows only
-        y = _predict(d, enc_x, w_col[..., None], dec)[..., 0]
-        return y[mask]
+        def f(w_col):  # w_col (r, Kt) -> real outputs of column block b
+            return _predict(d, enc_x, w_col[..., None], dec)[..., 0][mb]
 
-    Z = torch.autograd.functional.jacobian(f, torch.zeros(r, Kt, dtype=torch.float64)).reshape(-1, r * Kt)
-    rhs = d.Yt.permute(0, 1, 2)[mask]  # (rows, Nt)
-    sol = torch.linalg.lstsq(Z, rhs, driver="gelsd").solution
-    return sol.reshape(r, Kt, Nt)
+        Z = torch.autograd.functional.jacobian(f, torch.zeros(r, Kt, dtype=torch.float64)).reshape(-1, r * Kt)
+        out[:, :, b] = torch.linalg.lstsq(Z, d.Yt[:, :, b][mb][:, None], driver="gelsd").solution.reshape(r, Kt)
+    return out
 
 
 def fit_dec(d: TileData, enc_x: torch.Tensor, w_hat: torch.Tensor, ridge: float = 1e-8) -> torch.Tensor:
-    """Least-squares D (n*t, r) given E_x and w_hat: one r x r solve per output row of the tile."""
+    """Least-squares D (n*t, r) given E_x and w_hat: one r x r solve per output row (i, k) class."""
     enc_x, w_hat = enc_x.double(), w_hat.double()
     P = torch.bmm(torch.einsum("lj,ajc->lac", enc_x, d.Xt), w_hat)  # (r, A, Nt)
-    r, t = P.shape[0], d.t
+    r, t, Nt = P.shape[0], d.t, P.shape[2]
     dec = torch.zeros(d.n * t, r, dtype=torch.float64)
     for i in range(d.n):
         sel = d.valid > i
-        Pi = P[:, sel, :].reshape(r, -1)
-        Ri = d.Yt[sel][:, i * t:(i + 1) * t, :].permute(1, 0, 2).reshape(t, -1)
-        dec[i * t:(i + 1) * t] = _solve(Pi @ Pi.T, (Ri @ Pi.T).T, ridge).T
+        Pi = P[:, sel, :]  # (r, a, Nt)
+        Yi = d.Yt[sel][:, i * t:(i + 1) * t, :]  # (a, t, Nt)
+        # k < last_cols: every column block; k >= last_cols: all but the last block
+        for ks, blocks in ((slice(0, d.last_cols), slice(0, Nt)), (slice(d.last_cols, t), slice(0, Nt - 1))):
+            if ks.stop <= ks.start or blocks.stop <= blocks.start:
+                continue
+            Pk = Pi[:, :, blocks].reshape(r, -1)
+            Rk = Yi[:, ks, blocks].permute(1, 0, 2).reshape(ks.stop - ks.start, -1)
+            dec[i * t + ks.start:i * t + ks.stop] = _solve(Pk @ Pk.T, (Rk @ Pk.T).T, ridge).T
     return dec
 
 
@@ -174,45 +210,43 @@ def fit_enc_x(d: TileData, dec: torch.Tensor, w_hat: torch.Tensor, ridge: float 
     """Least-squares E_x (r, n*t) given D and w_hat (unknowns (l, ij), r*n*t of them).
 
     With F[l, a, ij, b] = sum_c Xt[a, ij, c] w_hat[l, c, b] the normal equations are
-    G[(l,ij), (l',ij')] = sum_a (D_a^T D_a)[l, l'] sum_b F[l,a,ij,b] F[l',a,ij',b] and
-    H[(l,ij)] = sum_{a,b} (D^T Yt[a])[l, b] F[l, a, ij, b].
+    G[(l,ij), (l',ij')] = sum_{a,b} (D_ab^T D_ab)[l, l'] F[l,a,ij,b] F[l',a,ij',b] (D_ab: decoder rows
+    of real entries of tile (a, b)) and H[(l,ij)] = sum_{a,b} (D^T Yt[a])[l, b] F[l, a, ij, b].
     ``method="data"`` forms F chunk by chunk (cost ~ A Nt (r n t)^2, the reference path);
     ``"gram"`` contracts the input Gram S[(ij,c),(ij',c')] = sum_a Xt Xt with
-    (w_hat_l w_hat_l'^T)[c, c'] instead (cost ~ A (n t Kt)^2 + r^2 (n t Kt)^2, independent of N);
-    ``"auto"`` picks "gram" when its matrices fit in ~256 MB.
+    (sum_b w_hat[l,c,b] w_hat[l',c',b]) instead (cost ~ A (n t Kt)^2 + r^2 (n t Kt)^2, independent
+    of N); ``"auto"`` picks "gram" when its matrices fit in ~256 MB.
     """
     dec, w_hat = dec.double(), w_hat.double()
     r, nt = w_hat.shape[0], d.Xt.shape[1]
     Kt = d.Xt.shape[2]
-    t = d.t
     if method == "auto":
         method = "gram" if 8 * max(r * r * Kt * Kt, (nt * Kt) ** 2) < 256 * 2**20 else "data"
     if method not in ("gram", "data"):
         raise ValueError(f"method must be 'auto', 'gram' or 'data', got {method!r}")
     G = torch.zeros(r * nt, r * nt, dtype=torch.float64)
-    H = torch.zeros(r * nt, dtype=torch.float64)
-    if method == "gram":
-        WW = torch.einsum("lcb,LCb->lLcC", w_hat, w_hat)
-        Q = torch.einsum("el,aeb->lab", dec, d.Yt)
-        R = torch.bmm(Q, w_hat.transpose(1, 2))  # (r, A, Kt): sum_b Q[l,a,b] w_hat[l,c,b]
-        H = torch.einsum("ajc,lac->lj", d.Xt, R).reshape(-1)
-        for v, idx in _groups(d):
-            Dv = dec[: v * t]
+    Q = torch.einsum("el,aeb->lab", dec, d.Yt)  # (r, A, Nt)
+    R = torch.bmm(Q, w_hat.transpose(1, 2))  # (r, A, Kt): sum_b Q[l,a,b] w_hat[l,c,b]
+    H = torch.einsum("ajc,lac->lj", d.Xt, R).reshape(-1)
+
+    def big(m):
+        return m.repeat_interleave(nt, 0).repeat_interleave(nt, 1)
+
+    for v, idx in _groups(d):
+        if method == "gram":
             Xa = d.Xt[idx].reshape(len(idx), nt * Kt)
             S = (Xa.T @ Xa).reshape(nt, Kt, nt, Kt)
-            Gv = torch.einsum("lLcC,jcJC->ljLJ", WW, S).reshape(r * nt, r * nt)
-            G += Gv * (Dv.T @ Dv).repeat_interleave(nt, 0).repeat_interleave(nt, 1)
-        return _solve(G, H[:, None], ridge)[:, 0].reshape(r, nt)
-    for v, idx in _groups(d):
-        Dv = dec[: v * t]
-        DtD_big = (Dv.T @ Dv).repeat_interleave(nt, 0).repeat_interleave(nt, 1)
+            for cols, kv in d.col_blocks():
+                wc = w_hat[:, :, cols]
+                WW = torch.einsum("lcb,LCb->lLcC", wc, wc)
+                G += torch.einsum("lLcC,jcJC->ljLJ", WW, S).reshape(r * nt, r * nt) * big(_dtd(dec, d.n, d.t, v, kv))
+            continue
         for s in range(0, len(idx), chunk):
             ids = idx[s:s + chunk]
-            Fm = torch.einsum("ajc,lcb->lajb", d.Xt[ids], w_hat)  # (r, a, nt, Nt)
-            Q = torch.einsum("el,aeb->lab", dec, d.Yt[ids])  # (r, a, Nt)
-            Ff = Fm.permute(0, 2, 1, 3).reshape(r * nt, -1)  # ((l,j), (a,b))
-            G += (Ff @ Ff.T) * DtD_big
-            H += torch.einsum("lajb,lab->lj", Fm, Q).reshape(-1)
+            for cols, kv in d.col_blocks():
+                Fm = torch.einsum("ajc,lcb->lajb", d.Xt[ids], w_hat[:, :, cols])  # (r, a, nt, nb)
+                Ff = Fm.permute(0, 2, 1, 3).reshape(r * nt, -1)  # ((l,j), (a,b))
+                G += (Ff @ Ff.T) * big(_dtd(dec, d.n, d.t, v, kv))
     return _solve(G, H[:, None], ridge)[:, 0].reshape(r, nt)
 
 

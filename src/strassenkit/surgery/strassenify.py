@@ -10,7 +10,7 @@ Targets (which modules are converted):
 - ``"re:<regex>"``: names that the regex matches in full (``re.fullmatch``);
 - a mapping ``{name, suffix or "re:<regex>": config or None}`` for per-layer configs: an exact
   name wins over patterns, then patterns in insertion order; ``None`` skips the module. ``config``
-  may then be None.
+  may then be None, or the mapping may be passed as ``config`` itself.
 ``exclude`` takes the same names / suffixes / regexes and always wins.
 
 Output head (``head``): "auto" excludes, from "all-linear" only, ``model.get_output_embeddings()``
@@ -320,6 +320,8 @@ def strassenify_(
     See the module docstring for ``targets``, ``exclude``, ``head`` and the causal rule. The model is
     either fully converted or unchanged (an error while building any replacement changes nothing).
     """
+    if isinstance(config, dict) and targets == "all-linear":  # strassenify_(model, {name: config})
+        config, targets = None, config
     rows = _plan(model, config, targets, exclude, causal, head)
     new = _build(model, rows)
     for name, mod in new.items():
@@ -401,6 +403,8 @@ def inspect_targets(
     forward pass divided by its rows, and a forward failure (e.g. 2-D inputs into row_tile > 1) is
     reported in ``example_error`` instead of surfacing later.
     """
+    if isinstance(config, dict) and targets == "all-linear":
+        config, targets = None, config
     rows = _plan(model, config, targets, exclude, causal, head)
     is_causal = bool(causal) or is_causal_model(model)
     new = _build(model, rows)
