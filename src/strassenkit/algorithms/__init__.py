@@ -8,6 +8,7 @@
 from .bilinear import BilinearAlgorithm, matmul_tensor, tensor_residual
 from .catalogue import available, from_formulas, get, register, schoolbook
 from .approximate import approximate  # registers the approximation families (als, truncate, polynomial)
+from .search import search  # registers the verified search results shipped under algorithms/data/
 
 __all__ = [
     "BilinearAlgorithm",
@@ -19,4 +20,5 @@ __all__ = [
     "schoolbook",
     "from_formulas",
     "approximate",
+    "search",
 ]

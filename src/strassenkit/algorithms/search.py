@@ -32,7 +32,7 @@ import numpy as np
 from .approximate import _balance, _khatri_rao
 from .bilinear import BilinearAlgorithm, matmul_tensor
 
-__all__ = ["search", "search_attempt", "search_stats", "exact_decoder", "save_algorithm", "load_algorithm"]
+__all__ = ["search", "search_attempt", "attempt_rng", "search_stats", "exact_decoder", "save_algorithm", "load_algorithm"]
 
 
 def _unfoldings(T):
@@ -88,9 +88,10 @@ def search_attempt(
     p: int,
     rank: int,
     rng: np.random.Generator,
-    als_sweeps: int = 3000,
+    als_sweeps: int = 6000,
     round_sweeps: int = 1500,
-    decay: float = 0.99,
+    decay: float = 0.995,
+    give_up: tuple[int, float] | None = (2000, 0.3),
 ) -> tuple[BilinearAlgorithm | None, str]:
     """One random start; returns (verified algorithm or None, a short status string)."""
     T = matmul_tensor(n, m, p).astype(np.float64)
@@ -104,6 +105,19 @@ def search_attempt(
     def err(U, V, W):
         return float(np.sum((T3 - W @ _khatri_rao(U, V).T) ** 2))
 
+    try:
+        U, V, W, e = _als_phase(T1, T2, T3, U, V, W, eye, als_sweeps, decay, err, give_up)
+    except np.linalg.LinAlgError:
+        return None, "ALS hit a singular system"
+    if e >= 1e-6:
+        return None, f"no real decomposition (residual^2 {e:.2g})"
+    try:
+        return _round_phase(T, T1, T2, T3, U, V, W, n, m, p, rank, round_sweeps, err)
+    except np.linalg.LinAlgError:
+        return None, "rounding phase hit a singular system"
+
+
+def _als_phase(T1, T2, T3, U, V, W, eye, als_sweeps, decay, err, give_up):
     lam, e = 1e-2, np.inf
     for s in range(als_sweeps):
         U, V, W = _balance(U, V, W)
@@ -115,14 +129,18 @@ def search_attempt(
             e = err(U, V, W)
             if e < 1e-10:
                 break
-            if s >= 500 and e > 0.5:  # stuck far from a decomposition: give up early
-                return None, f"no real decomposition (residual^2 {e:.2g})"
-    if e >= 1e-10:
-        return None, f"no real decomposition (residual^2 {e:.2g})"
+            if give_up is not None and s + 1 >= give_up[0] and e > give_up[1]:  # stuck: give up early
+                break
+    return U, V, W, e
+
+
+def _round_phase(T, T1, T2, T3, U, V, W, n, m, p, rank, round_sweeps, err):
+    eye = np.eye(rank)
     mu = 1e-4
     for s in range(round_sweeps):
         su = np.abs(U).max(0)
         sv = np.abs(V).max(0)
+        su, sv = np.where(su > 0, su, 1.0), np.where(sv > 0, sv, 1.0)
         U, V, W = U / su, V / sv, W * (su * sv)
         U = np.linalg.solve((V.T @ V) * (W.T @ W) + mu * eye, (T1 @ _khatri_rao(V, W)).T + mu * np.round(U).T).T
         V = np.linalg.solve((U.T @ U) * (W.T @ W) + mu * eye, (T2 @ _khatri_rao(U, W)).T + mu * np.round(V).T).T
@@ -143,6 +161,11 @@ def search_attempt(
     return None, f"real decomposition found but rounding failed (residual^2 {err(U, V, W):.2g})"
 
 
+def attempt_rng(seed: int, n: int, m: int, p: int, rank: int) -> np.random.Generator:
+    """The random generator of one attempt: attempt k of ``search(seed=s)`` uses ``attempt_rng(s + k, ...)``."""
+    return np.random.default_rng([seed, n, m, p, rank])
+
+
 def search(
     n: int,
     m: int,
@@ -156,7 +179,8 @@ def search(
 ) -> BilinearAlgorithm | None:
     """Search for an exact <n,m,p> algorithm with ``rank`` products; a verified algorithm or None.
 
-    Runs up to ``attempts`` random starts (deterministic given ``seed``) or until ``time_limit`` seconds.
+    Runs up to ``attempts`` random starts (attempt k uses ``attempt_rng(seed + k, ...)``, so results are
+    deterministic given ``seed`` on one machine) or until ``time_limit`` seconds.
     The result's ``meta`` records the attempt index, the time spent and the status of every attempt.
     """
     for label, v in (("n", n), ("m", m), ("p", p), ("rank", rank), ("attempts", attempts)):
@@ -164,7 +188,6 @@ def search(
             raise ValueError(f"{label} must be an integer >= 1, got {v!r}")
     if rank >= n * m * p:
         raise ValueError(f"rank={rank} >= n*m*p={n * m * p}: the schoolbook algorithm already does it; search below it")
-    rng = np.random.default_rng([seed, n, m, p, rank])
     t0 = time.perf_counter()
     log = []
     it = range(attempts)
@@ -175,13 +198,14 @@ def search(
     for k in it:
         if time_limit is not None and time.perf_counter() - t0 > time_limit:
             break
-        alg, status = search_attempt(n, m, p, rank, rng, **kwargs)
+        alg, status = search_attempt(n, m, p, rank, attempt_rng(seed + k, n, m, p, rank), **kwargs)
         log.append(status)
         if alg is not None:
             name = f"search_{n}x{m}x{p}_r{rank}"
             return BilinearAlgorithm(
                 n, m, p, alg.U, alg.V, alg.W, name=name,
-                source=f"strassenkit.algorithms.search (ALS + integer rounding), seed {seed}, attempt {k}",
+                source=f"strassenkit.algorithms.search (ALS + integer rounding), seed {seed}, attempt {k} "
+                f"(attempt_rng({seed + k}, {n}, {m}, {p}, {rank}))",
                 meta={"seed": seed, "attempt": k, "seconds": time.perf_counter() - t0, "log": log},
             )
     return None
@@ -192,7 +216,7 @@ def search_stats(n: int, m: int, p: int, rank: int, seeds, **kwargs) -> dict:
     ok, statuses, t0 = 0, [], time.perf_counter()
     seeds = list(seeds)
     for s in seeds:
-        alg, status = search_attempt(n, m, p, rank, np.random.default_rng([s, n, m, p, rank]), **kwargs)
+        alg, status = search_attempt(n, m, p, rank, attempt_rng(s, n, m, p, rank), **kwargs)
         ok += alg is not None and alg.verify()
         statuses.append(status)
     dt = time.perf_counter() - t0
@@ -223,3 +247,25 @@ def load_algorithm(path) -> BilinearAlgorithm:
         return np.array([[Fraction(x) for x in row] for row in rows], dtype=object)
 
     return BilinearAlgorithm(n, m, p, arr(d["U"]), arr(d["V"]), arr(d["W"]), name=d["name"], source=d["source"])
+
+
+# --------------------------------------------------------------------------- shipped, verified search results
+DATA_DIR = Path(__file__).with_name("data")
+
+
+def shipped_algorithms() -> list[Path]:
+    """JSON files of algorithms found by :func:`search` and shipped with the package (each proven by verify())."""
+    return sorted(DATA_DIR.glob("*.json")) if DATA_DIR.is_dir() else []
+
+
+def _register_shipped() -> None:
+    """Register every shipped JSON algorithm in the catalogue under its stored name (loaded lazily)."""
+    from .catalogue import _REGISTRY, register
+
+    for path in shipped_algorithms():
+        name = json.loads(path.read_text())["name"].lower()
+        if name not in _REGISTRY:
+            register(name)(lambda path=path: load_algorithm(path))
+
+
+_register_shipped()
