@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("strassenkit.experiments.demo", "train a small ViT on sklearn digits, dense vs STL (t=4, r=24)"),
     "algorithms": ("strassenkit.experiments.catalogue_cmd", "list and verify the exact algorithm catalogue"),
+    "rediscover": ("strassenkit.experiments.rediscover", "learn ternary rank-7 2x2 matmul SPNs from 25 random inits; verify exactly"),
     "approx": ("strassenkit.experiments.approx", "tile-approximation study: init families vs rank (t=4), tensor, Gaussian and real-tile errors"),
     "train": ("strassenkit.experiments.train_cmd", "resumable training (AdamW, cosine, KD, checkpoints, DDP) on a built-in task"),
 }
