@@ -211,3 +211,106 @@ def _conv2d_cost(module: nn.Conv2d, inputs, output) -> LayerCost:
     macs = outs * per_out
     adds = outs * (per_out - 1) + (outs if module.bias is not None else 0)
     return LayerCost("", "conv2d", macs_core=macs, mults=macs, adds=adds, params=_params(module), dense_macs=macs)
+
+
+# ------------------------------------------------------------------ StrassenNets (SPN) counters
+# mults / adds of an SPN layer in its current phase:
+# - a ternary matrix (phases "ternary*", "frozen") costs additions only: (nnz_row - 1) per output row;
+#   a full-precision one is counted by matrix_op_cost (entries other than 0, +-1 cost a multiplication);
+# - the hidden product with a_hat: r multiplications per position (row / output patch);
+# - scales: per-tensor scales (and the per-unit scale of an eval-mode normalization) are folded into
+#   a_hat once per forward pass (r multiplications each, independent of the batch); a per-channel
+#   decoder scale multiplies every output (N per position); the normalization shift adds r per position.
+from .nn.spn import SPNBilinear, SPNConv2d, SPNLinear, SPNModule  # noqa: E402
+
+
+def _spn_matrix(module: SPNModule, name: str, rows_first) -> tuple[torch.Tensor, list]:
+    """(matrix as counted, list of scale tensors that must be applied) for matrix ``name``."""
+    if module.is_quantized(name):
+        t, s = module.ternary_parts(name)
+        return rows_first(t.to(torch.float32)), [s]
+    return rows_first(getattr(module, name).detach()), []
+
+
+def _spn_scale_mults(module: SPNModule, scales_enc: list, scales_dec: list, r: int, n_out: int, positions: int) -> int:
+    mults = 0
+    for s in scales_enc:
+        if not bool((s == 1).all()):
+            mults += r
+    for s in scales_dec:
+        if bool((s == 1).all()):
+            continue
+        mults += r if s.numel() == 1 else n_out * positions
+    if getattr(module, "norm", None) is not None:
+        mults += r
+    return mults
+
+
+@register_counter(SPNLinear)
+def _spn_linear_cost(module: SPNLinear, inputs, output) -> LayerCost:
+    x = inputs[0]
+    rows = _rows(x)
+    K, N, r = module.in_features, module.out_features, module.rank
+    wb, sb = _spn_matrix(module, "w_b", lambda t: t)
+    wc, sc = _spn_matrix(module, "w_c", lambda t: t)
+    bmul, badd = matrix_op_cost(wb, rows)
+    cmul, cadd = matrix_op_cost(wc, rows)
+    scale = _spn_scale_mults(module, sb, sc, r, N, rows)
+    norm_adds = r * rows if module.norm is not None else 0
+    bias_adds = N * rows if module.bias is not None else 0
+    return LayerCost(
+        "", "spn_linear", macs_core=r * rows, macs_encode=r * K * rows, macs_decode=N * r * rows,
+        mults=r * rows + bmul + cmul + scale, adds=badd + cadd + norm_adds + bias_adds,
+        params=sum(p.numel() for p in module.parameters(recurse=False)), dense_macs=K * N * rows,
+        extra={"rank": r, "phase": module.phase, "mult_reduction": K * N / r, "scale_mults": scale},
+    )
+
+
+@register_counter(SPNConv2d)
+def _spn_conv2d_cost(module: SPNConv2d, inputs, output) -> LayerCost:
+    x = inputs[0]
+    from .functional.spn import spn_conv_geometry
+
+    geo = spn_conv_geometry(x.shape[2], x.shape[3], module.kernel_size, module.stride, module._pad4, module.out_patch)
+    patches = x.shape[0] * geo["ph"] * geo["pw"]
+    g, r = module.groups, module.rank
+    rg, og = r // g, module.out_channels // g
+    (kh, kw), (qh, qw) = module.kernel_size, module.out_patch
+    cin_g = module.in_channels // g
+    wb, sb = _spn_matrix(module, "w_b", lambda t: t.reshape(r, -1))
+    # decoder as a matrix: one row per (output channel, patch position) over the r/g hidden units of its group
+    wc, sc = _spn_matrix(module, "w_c", lambda t: t.reshape(g, rg, og * qh * qw).transpose(1, 2).reshape(g * og * qh * qw, rg))
+    bmul, badd = matrix_op_cost(wb, patches)
+    cmul, cadd = matrix_op_cost(wc, patches)
+    scale = _spn_scale_mults(module, sb, sc, r, module.out_channels * qh * qw, patches)
+    norm_adds = r * patches if module.norm is not None else 0
+    outs = output.numel()
+    bias_adds = outs if module.bias is not None else 0
+    win = module.window[0] * module.window[1]
+    return LayerCost(
+        "", "spn_conv2d", macs_core=r * patches, macs_encode=r * cin_g * win * patches,
+        macs_decode=module.out_channels * qh * qw * rg * patches,
+        mults=r * patches + bmul + cmul + scale, adds=badd + cadd + norm_adds + bias_adds,
+        params=sum(p.numel() for p in module.parameters(recurse=False)),
+        dense_macs=outs * cin_g * kh * kw,
+        extra={"rank": r, "phase": module.phase, "patches": patches, "out_patch": module.out_patch,
+               "mult_reduction": module.mult_reduction, "scale_mults": scale},
+    )
+
+
+@register_counter(SPNBilinear)
+def _spn_bilinear_cost(module: SPNBilinear, inputs, output) -> LayerCost:
+    rows = output.numel() // module.out
+    r = module.rank
+    wa, sa = _spn_matrix(module, "w_a", lambda t: t)
+    wb, sb = _spn_matrix(module, "w_b", lambda t: t)
+    wc, sc = _spn_matrix(module, "w_c", lambda t: t)
+    costs = [matrix_op_cost(m, rows) for m in (wa, wb, wc)]
+    scale = _spn_scale_mults(module, sa + sb, sc, r, module.out, rows)
+    return LayerCost(
+        "", "spn_bilinear", macs_core=r * rows, macs_encode=r * (module.in_a + module.in_b) * rows,
+        macs_decode=module.out * r * rows,
+        mults=r * rows + sum(c[0] for c in costs) + scale, adds=sum(c[1] for c in costs),
+        params=sum(p.numel() for p in module.parameters(recurse=False)),
+        extra={"rank": r, "phase": module.phase, "scale_mults": scale},
+    )
