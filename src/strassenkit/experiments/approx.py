@@ -40,11 +40,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ranks", type=str, default=",".join(map(str, RANKS)), help="comma-separated ranks")
     parser.add_argument("--families", type=str, default=",".join(FAMILIES), help="comma-separated families")
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..S-1 per (family, rank)")
-    parser.add_argument("--steps", type=int, default=150, help="Adam refinement steps (same for every config)")
+    parser.add_argument("--steps", type=int, default=100, help="Adam refinement steps (same for every config)")
     parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (cosine decay to 0)")
     parser.add_argument("--vit-epochs", type=int, default=10, help="epochs of dense ViT training on digits")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these sizes)")
     parser.add_argument("--quick", action="store_true", help="tiny run: ranks 8,24; 2 seeds; 20 steps; 2 ViT epochs")
+    parser.add_argument("--replot", action="store_true", help="only redraw approx.png and README.md from summary.json")
+    parser.add_argument("--search", type=str, default=None, metavar="FMT:TRIES,...",
+                        help="instead of the study, measure the exact-search success rate, e.g. "
+                             "'2x2x2r7:20,3x3x3r23:30' (one attempt per seed), written to search.json")
 
 
 # --------------------------------------------------------------------------- data
@@ -130,8 +134,8 @@ def refine(alg, loss_fn, steps: int, lr: float, dtype=torch.float64):
 
 # --------------------------------------------------------------------------- study
 def run_study(
-    tile=4, ranks=RANKS, families=FAMILIES, seeds=5, steps=150, lr=1e-2, vit_epochs=10,
-    gauss_eval=8192, gauss_batch=256, mc_samples=20000, n_train_images=16, n_test_images=96, progress=True,
+    tile=4, ranks=RANKS, families=FAMILIES, seeds=5, steps=100, lr=1e-2, vit_epochs=10,
+    gauss_eval=8192, gauss_batch=256, mc_samples=20000, n_train_images=8, n_test_images=96, progress=True,
 ) -> dict:
     from tqdm.auto import tqdm
 
@@ -268,6 +272,15 @@ def plot(summary: dict, path: Path) -> None:
 
 def run(args) -> int:
     torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if args.search:
+        return run_search(args.search, out)
+    if args.replot:
+        summary = json.loads((out / "summary.json").read_text())
+        plot(summary, out / "approx.png")
+        write_markdown(summary, out / "README.md")
+        print_report(summary)
+        return 0
     if args.quick:
         ranks, seeds, steps, epochs = (8, 24), 2, 20, 2
     else:
@@ -284,13 +297,78 @@ def run(args) -> int:
     summary = run_study(tile=args.tile, ranks=ranks, families=families, seeds=seeds, steps=steps, lr=args.lr,
                         vit_epochs=epochs)
     summary["setup"]["command"] = "strassenkit approx" + (" --quick" if args.quick else "")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot(summary, out / "approx.png")
+    write_markdown(summary, out / "README.md")
     print_report(summary)
-    print(f"wrote {out / 'summary.json'} and {out / 'approx.png'}")
+    print(f"wrote {out / 'summary.json'}, {out / 'approx.png'} and {out / 'README.md'}")
     return 0
+
+
+def run_search(spec: str, out: Path) -> int:
+    """Success rate of :func:`strassenkit.algorithms.search.search_attempt` over seeds 0..tries-1 per format."""
+    import re
+
+    from ..algorithms.search import search_stats
+
+    results = []
+    for item in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)x(\d+)x(\d+)r(\d+):(\d+)\s*", item)
+        if not m:
+            raise SystemExit(f"--search: cannot parse {item!r}; write e.g. '2x2x2r7:20'")
+        n, mm, p, r, tries = (int(g) for g in m.groups())
+        st = search_stats(n, mm, p, r, range(tries))
+        rec = {"format": [n, mm, p], "rank": r, **st}
+        results.append(rec)
+        print(f"<{n},{mm},{p};{r}>: {st['successes']}/{st['tries']} random starts gave a verified exact algorithm "
+              f"({100 * st['rate']:.0f} %), {st['seconds_per_try']:.1f} s per start")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "search.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    for rec in results:
+        old["<{},{},{};{}>".format(*rec["format"], rec["rank"])] = rec
+    path.write_text(json.dumps(old, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+def write_markdown(summary: dict, path: Path) -> None:
+    """A short Markdown table of the medians (regenerated with the JSON)."""
+    recs = [r for r in summary["records"] if "tensor_rel_sq" in r]
+    s = summary["setup"]
+    lines = [
+        "# Tile-approximation study (t = {})".format(s["tile"]), "",
+        f"Regenerate: `{s.get('command', 'strassenkit approx')}` (figures: `approx.png`; raw records: `summary.json`).",
+        "", f"Relative squared error, median over {s['seeds']} seeds (min..max in brackets). Refinement: "
+        f"{s['steps']} Adam steps, lr {s['lr']} cosine, identical for every family. Real tiles: inputs and weights "
+        f"of the {len(s['vit']['layers'])} linear layers of a ViT trained on sklearn digits "
+        f"(test accuracy {s['vit']['test_accuracy']:.3f}); refined on {s['vit']['refine_images']} training images, "
+        f"measured on {s['vit']['eval_images']} test images.", "",
+        "| family | r | core FLOP cut | tensor residual | MC Gaussian | Gaussian refined | real init | real refined |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(fam, r, k):
+        v = [x[k] for x in recs if x["family"] == fam and x["rank"] == r]
+        if not v:
+            return "-"
+        return f"{np.median(v):.4f} [{min(v):.3f}..{max(v):.3f}]" if len(v) > 1 else f"{v[0]:.4f}"
+
+    for fam in s["families"]:
+        for r in s["ranks"]:
+            lines.append(f"| {fam} | {r} | {s['tile'] ** 3 / r:.2f}x | {cell(fam, r, 'tensor_rel_sq')} | "
+                         f"{cell(fam, r, 'gauss_mc_rel_sq')} | {cell(fam, r, 'gauss_refined_rel_sq')} | "
+                         f"{cell(fam, r, 'real_init_rel_sq')} | {cell(fam, r, 'real_refined_rel_sq')} |")
+    h = summary["headline"]
+    lines += ["", "## Headline", ""]
+    for key, label in (("real_refined_rel_sq", "real ViT tiles"), ("gauss_refined_rel_sq", "Gaussian tiles"),
+                       ("tensor_rel_sq", "data-independent, no refinement")):
+        d = h[key]
+        if d["best_theory_family"] and d["random_median"] is not None:
+            lines.append(f"- r = {h['rank']}, {label}: best theory-backed init `{d['best_theory_family']}` "
+                         f"{d['best_theory_median']:.4f} vs random {d['random_median']:.4f}")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def print_report(summary: dict) -> None:
