@@ -154,3 +154,24 @@ def test_bad_arguments_raise_clear_errors():
         SPNConv2d.from_conv2d(nn.Linear(3, 3))
     with pytest.raises(ValueError, match="dilation"):
         SPNConv2d.from_conv2d(nn.Conv2d(3, 3, 3, dilation=2))
+
+
+def test_spn_linear_learns_a_dense_teacher_in_each_phase():
+    torch.manual_seed(0)
+    teacher = nn.Linear(8, 4)
+    x = torch.randn(256, 8)
+    y = teacher(x).detach()
+    layer = SPNLinear(8, 4, rank=8)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.02)
+    start = nn.functional.mse_loss(layer(x), y).item()
+    losses = {}
+    for phase in ("full", "ternary", "frozen"):
+        set_phase(layer, phase)
+        for _ in range(150):
+            loss = nn.functional.mse_loss(layer(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        losses[phase] = loss.item()
+    assert losses["full"] < 0.01 * start  # rank 8 >= min(8, 4): the dense map is reachable
+    assert losses["ternary"] < 0.5 * start and losses["frozen"] <= losses["ternary"] * 1.05
