@@ -58,3 +58,19 @@ def test_spn_conv_hand_count():
     # 3x3 kernel, 16 -> 32 channels, p = 2, r = 64: reduction 16*32*9*4/64
     big = SPNConv2d(16, 32, 3, 1, 1, rank=64, out_patch=2)
     assert count(big, torch.randn(1, 16, 8, 8)).layers[0].extra["mult_reduction"] == 16 * 32 * 9 * 4 / 64
+
+
+def test_executed_macs_agree_with_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cases = [
+        (SPNLinear(12, 7, rank=5), torch.randn(3, 4, 12)),
+        (SPNConv2d(4, 6, 3, 2, 1, rank=8, out_patch=2, groups=2), torch.randn(2, 4, 9, 11)),
+        (SPNConv2d(3, 5, 3, 1, 2, rank=6, out_patch=3), torch.randn(1, 3, 8, 7)),
+    ]
+    for layer, x in cases:
+        row = count(layer, x).layers[0]
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            layer(x)
+        # the flop counter counts the matmuls / convolutions (encode, decode), not the elementwise a_hat product
+        assert fc.get_total_flops() == 2 * (row.macs_encode + row.macs_decode), type(layer).__name__

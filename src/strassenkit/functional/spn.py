@@ -114,8 +114,9 @@ def spn_conv_geometry(h: int, w: int, kernel, stride, padding, out_patch) -> dic
     """Sizes used by :func:`spn_conv2d` for an (h, w) input.
 
     ``padding`` is (top, bottom, left, right).  Returns the dense conv output size (out_h, out_w),
-    the number of p x p patches (ph, pw), the SPN window (win_h, win_w) = ((p-1)s+k) and the extra
-    zero padding at the bottom/right needed so the last window fits.
+    the number of p x p patches (ph, pw), the SPN window (win_h, win_w) = ((p-1)s+k), the extra
+    zero padding at the bottom/right needed so the last window fits, and the padded input extent
+    (need_h, need_w) the patches read (rows/columns beyond it are never used).
     """
     kh, kw = kernel
     sh, sw = stride
@@ -134,7 +135,8 @@ def spn_conv_geometry(h: int, w: int, kernel, stride, padding, out_patch) -> dic
     need_w = (pw - 1) * qw * sw + win_w
     extra_h = max(0, need_h - (h + pt + pb))
     extra_w = max(0, need_w - (w + pl + pr))
-    return dict(out_h=out_h, out_w=out_w, ph=ph, pw=pw, win_h=win_h, win_w=win_w, extra_h=extra_h, extra_w=extra_w)
+    return dict(out_h=out_h, out_w=out_w, ph=ph, pw=pw, win_h=win_h, win_w=win_w, extra_h=extra_h, extra_w=extra_w,
+                need_h=need_h, need_w=need_w)
 
 
 def spn_conv2d(
@@ -170,11 +172,10 @@ def spn_conv2d(
         raise ValueError(f"x must be (batch, channels, height, width), got shape {tuple(x.shape)}")
     g = spn_conv_geometry(x.shape[2], x.shape[3], kernel_size, stride, padding, out_patch)
     pt, pb, pl, pr = padding
-    xp = F.pad(x, (pl, pr + g["extra_w"], pt, pb + g["extra_h"]))
+    xp = F.pad(x, (pl, pr + g["extra_w"], pt, pb + g["extra_h"]))[:, :, : g["need_h"], : g["need_w"]]
     sh, sw = stride
     qh, qw = out_patch
-    h = F.conv2d(xp, w_b, None, stride=(qh * sh, qw * sw), groups=groups)
-    h = h[:, :, : g["ph"], : g["pw"]]
+    h = F.conv2d(xp, w_b, None, stride=(qh * sh, qw * sw), groups=groups)  # (B, r, ph, pw) exactly
     if hidden_fn is not None:
         h = hidden_fn(h)
     h = h * a_hat.view(1, -1, 1, 1)

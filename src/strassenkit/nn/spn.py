@@ -516,8 +516,8 @@ class DensePatchConv2d(nn.Module):
         g = spn_conv_geometry(x.shape[2], x.shape[3], self.kernel_size, self.stride, self.pad4, self.out_patch)
         pt, pb, pl, pr = self.pad4
         (qh, qw), (sh, sw) = self.out_patch, self.stride
-        xp = F.pad(x, (pl, pr + g["extra_w"], pt, pb + g["extra_h"]))
-        y = F.conv2d(xp, self.weight, None, stride=(qh * sh, qw * sw), groups=self.groups)[:, :, : g["ph"], : g["pw"]]
+        xp = F.pad(x, (pl, pr + g["extra_w"], pt, pb + g["extra_h"]))[:, :, : g["need_h"], : g["need_w"]]
+        y = F.conv2d(xp, self.weight, None, stride=(qh * sh, qw * sw), groups=self.groups)
         B = y.shape[0]
         c_out = self.bias.shape[0]
         y = y.reshape(B, c_out, qh, qw, g["ph"], g["pw"]) + self.bias.view(1, c_out, qh, qw, 1, 1)
