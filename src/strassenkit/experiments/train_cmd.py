@@ -2,7 +2,7 @@
 
 Tasks (all offline):
 - ``synthetic``: sequence classification, x (n, 8, 16) Gaussian, 4 classes given by a fixed random
-  two-layer network of the token mean; model: token MLP (Linear 16->32, 32->32) + mean + head.
+  function of the token mean and the first token; model: token MLP (Linear 16->32, 32->32) + mean + head.
 - ``synthetic-lm``: next-token prediction on a random 16-symbol Markov chain (sequences of 16);
   model: embedding -> Linear -> GELU -> Linear head. Marked causal (``model.is_causal = True``), so
   STL conversion uses row_tile=1.
@@ -91,9 +91,8 @@ class BigramLM(nn.Module):
 def synthetic_data(n_train=2048, n_eval=512, seed=1234):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n_train + n_eval, 8, 16, generator=g)
-    w1 = torch.randn(16, 32, generator=g) / 4
-    w2 = torch.randn(32, 4, generator=g) / math.sqrt(32)
-    y = (torch.tanh(x.mean(1) * 3 @ w1) @ w2).argmax(-1)
+    w1 = torch.randn(16, 4, generator=g)
+    y = (x.mean(1) @ w1 + 0.3 * torch.tanh(x[:, 0] @ w1)).argmax(-1)
     return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
 
 
