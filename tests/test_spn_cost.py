@@ -74,3 +74,15 @@ def test_executed_macs_agree_with_torch_flop_counter():
             layer(x)
         # the flop counter counts the matmuls / convolutions (encode, decode), not the elementwise a_hat product
         assert fc.get_total_flops() == 2 * (row.macs_encode + row.macs_decode), type(layer).__name__
+
+
+def test_per_channel_decoder_scales():
+    from strassenkit.nn.quantize import TernaryQuantizer
+
+    lin = SPNLinear(6, 5, rank=4, quantizer=TernaryQuantizer("twn", per_channel=True))
+    set_phase(lin, "ternary")
+    row = count(lin, torch.randn(3, 6)).layers[0]
+    assert row.extra["scale_mults"] == 4 + 5 * 3  # W_b per hidden unit folds (r); W_c per output row: N per row
+    conv = SPNConv2d(2, 3, 1, rank=4, quantizer=TernaryQuantizer("twn", per_channel=True))
+    set_phase(conv, "ternary")
+    assert count(conv, torch.randn(1, 2, 3, 3)).layers[0].extra["scale_mults"] == 4 + 4  # both per hidden unit

@@ -232,7 +232,11 @@ def _spn_matrix(module: SPNModule, name: str, rows_first) -> tuple[torch.Tensor,
     return rows_first(getattr(module, name).detach()), []
 
 
-def _spn_scale_mults(module: SPNModule, scales_enc: list, scales_dec: list, r: int, n_out: int, positions: int) -> int:
+def _spn_scale_mults(module: SPNModule, scales_enc: list, scales_dec: list, r: int, n_out: int, positions: int,
+                     dec_scale_per_hidden: bool = False) -> int:
+    """Scale multiplications: encoder scales (per tensor or per hidden unit) fold into a_hat (r once);
+    so does a per-tensor decoder scale, or a per-hidden-unit one (SPNConv2d's w_c dim 0 is the hidden
+    unit); a per-output decoder scale costs n_out per position."""
     mults = 0
     for s in scales_enc:
         if not bool((s == 1).all()):
@@ -240,7 +244,7 @@ def _spn_scale_mults(module: SPNModule, scales_enc: list, scales_dec: list, r: i
     for s in scales_dec:
         if bool((s == 1).all()):
             continue
-        mults += r if s.numel() == 1 else n_out * positions
+        mults += r if (s.numel() == 1 or dec_scale_per_hidden) else n_out * positions
     if getattr(module, "norm", None) is not None:
         mults += r
     return mults
@@ -282,7 +286,7 @@ def _spn_conv2d_cost(module: SPNConv2d, inputs, output) -> LayerCost:
     wc, sc = _spn_matrix(module, "w_c", lambda t: t.reshape(g, rg, og * qh * qw).transpose(1, 2).reshape(g * og * qh * qw, rg))
     bmul, badd = matrix_op_cost(wb, patches)
     cmul, cadd = matrix_op_cost(wc, patches)
-    scale = _spn_scale_mults(module, sb, sc, r, module.out_channels * qh * qw, patches)
+    scale = _spn_scale_mults(module, sb, sc, r, module.out_channels * qh * qw, patches, dec_scale_per_hidden=True)
     norm_adds = r * patches if module.norm is not None else 0
     outs = output.numel()
     bias_adds = outs if module.bias is not None else 0
