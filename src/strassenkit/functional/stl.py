@@ -16,8 +16,9 @@ indices never mix. Sizes that are not multiples of the tile are zero-padded and 
 (zero rows/columns contribute nothing to a bilinear form, so padding never changes real outputs).
 
 Two paths compute the same thing: ``*_reference`` (einsum on 6-D views, easy to read) and the
-default fast path (one permute-copy, encode as a single matmul straight into the bmm layout,
-one bmm, decode as a single matmul). Tests check one against the other.
+default fast path (the ``strassenkit::stl_forward`` custom op in :mod:`.ops`: one permute-copy,
+encode as a single matmul straight into the bmm layout, one bmm, decode as a single matmul, and a
+custom backward). Tests check one against the other.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..algorithms import BilinearAlgorithm
+from . import ops as _ops
 
 __all__ = [
     "stl_matmul",
@@ -129,25 +131,34 @@ def stl_apply(
 ) -> torch.Tensor:
     """STL product of x (..., M, K) with an already-encoded weight w_hat (r, K/m, N/p).
 
-    Returns (..., M, out_features) (default N = p * w_hat.shape[2]). Fast path: encode with one
-    matmul into the (r, B*M/n, K/m) bmm layout, one bmm, decode with one matmul.
+    enc_x (r, n*m), dec (n*p, r); returns (..., M, out_features) (default N = p * w_hat.shape[2])
+    in x's dtype. Fast path: the ``strassenkit::stl_forward`` custom op (see
+    :mod:`strassenkit.functional.ops`): one permute-copy + one matmul to encode straight into the
+    (r, B*M/n, K/m) bmm layout, one bmm, one matmul + one permute-copy to decode, and a hand-written
+    backward that keeps only x_hat and the core products. Works under torch.compile and export.
+
+    Autocast: inside ``torch.autocast`` all four operands are cast to the autocast dtype (like a
+    matmul); bf16/fp16 compute in float32 on CPUs without native bf16 GEMMs (output still bf16).
     """
     n, m, p = _check_apply(x, w_hat, enc_x, dec, tile)
     r, Kt, Nt = w_hat.shape
     lead, (M, K) = x.shape[:-2], x.shape[-2:]
     N = out_features if out_features is not None else Nt * p
-    B = 1
-    for s in lead:
-        B *= s
-    Mt = _ceil(M, n)
-    xp = _pad_last2(x.reshape(B, M, K), Mt * n, Kt * m)
-    # (B, Mt, n, Kt, m) -> (n, m, B, Mt, Kt): one copy; rows of a tile stay inside one sample.
-    tiles = xp.reshape(B, Mt, n, Kt, m).permute(2, 4, 0, 1, 3).reshape(n * m, B * Mt * Kt)
-    x_hat = (enc_x.to(x.dtype) @ tiles).view(r, B * Mt, Kt)
-    prod = torch.bmm(x_hat, w_hat.to(x.dtype))  # (r, B*Mt, Nt)
-    y = dec.to(x.dtype) @ prod.view(r, B * Mt * Nt)  # (n*p, B*Mt*Nt)
-    y = y.view(n, p, B, Mt, Nt).permute(2, 3, 0, 4, 1).reshape(B, Mt * n, Nt * p)
-    return y[:, :M, :N].reshape(*lead, M, N)
+    if not isinstance(N, int) or not (Nt - 1) * p < N <= Nt * p:
+        raise ValueError(
+            f"out_features must be an int in ({(Nt - 1) * p}, {Nt * p}] for w_hat with {Nt} column tiles of {p}, got {N!r}"
+        )
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        adt = torch.get_autocast_dtype(dev)
+        x, w_hat, enc_x, dec = (t.to(adt) for t in (x, w_hat, enc_x, dec))
+        with torch.autocast(dev, enabled=False):
+            return stl_apply(x, w_hat, enc_x, dec, (n, m, p), N)
+    x3 = x.reshape(-1, M, K)
+    if x3.shape[0] == 0 or M == 0:
+        return x.new_zeros((*lead, M, N))
+    y, _x_hat, _prod = _ops.stl_forward(x3, w_hat, enc_x, dec, n, m, p, N)
+    return y.reshape(*lead, M, N)
 
 
 def stl_apply_reference(x, w_hat, enc_x, dec, tile, out_features=None):
