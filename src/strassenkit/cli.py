@@ -14,9 +14,11 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("strassenkit.experiments.demo", "train a small ViT on sklearn digits, dense vs STL (t=4, r=24)"),
     "algorithms": ("strassenkit.experiments.catalogue_cmd", "list and verify the exact algorithm catalogue"),
-    "rediscover": ("strassenkit.experiments.rediscover", "learn ternary rank-7 2x2 matmul SPNs from 25 random inits; verify exactly"),
+    "bench": ("strassenkit.experiments.bench", "wall-clock STL vs dense F.linear (forward, training step) -> results/bench/"),
     "approx": ("strassenkit.experiments.approx", "tile-approximation study: init families vs rank (t=4), tensor, Gaussian and real-tile errors"),
+    "rediscover": ("strassenkit.experiments.rediscover", "learn ternary rank-7 2x2 matmul SPNs from 25 random inits; verify exactly"),
     "train": ("strassenkit.experiments.train_cmd", "resumable training (AdamW, cosine, KD, checkpoints, DDP) on a built-in task"),
+    "experiment": ("strassenkit.experiments.run_experiment", "paper experiments on real data: vit, spn_cnn, charlm, minilm, report"),
 }
 
 
