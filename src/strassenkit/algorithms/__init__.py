@@ -6,7 +6,7 @@
 """
 
 from .bilinear import BilinearAlgorithm, matmul_tensor, tensor_residual
-from .catalogue import available, from_formulas, get, register, schoolbook
+from .catalogue import available, from_formulas, get, load_alphatensor_npz, register, schoolbook
 from .approximate import approximate  # registers the approximation families (als, truncate, polynomial)
 from .search import search  # registers the verified search results shipped under algorithms/data/
 
@@ -19,6 +19,7 @@ __all__ = [
     "register",
     "schoolbook",
     "from_formulas",
+    "load_alphatensor_npz",
     "approximate",
     "search",
 ]

@@ -299,3 +299,55 @@ def strassen_x_laderman() -> BilinearAlgorithm:
 
 def _renamed(a: BilinearAlgorithm, name: str) -> BilinearAlgorithm:
     return BilinearAlgorithm(a.n, a.m, a.p, a.U, a.V, a.W, name=name, source=a.source)
+
+
+# --------------------------------------------------------------------------- user-supplied catalogues
+def _rationalize(a: np.ndarray, max_denominator: int) -> np.ndarray | None:
+    """Exact Fractions if every float entry is a rational with a small denominator, else None."""
+    out = np.empty(a.shape, dtype=object)
+    for idx, v in np.ndenumerate(np.asarray(a, dtype=np.float64)):
+        f = Fraction(float(v)).limit_denominator(max_denominator)
+        if float(f) != float(v):
+            return None
+        out[idx] = f
+    return out
+
+
+def load_alphatensor_npz(path, cyclic: bool = True, max_denominator: int = 1024, strict: bool = True) -> dict[str, BilinearAlgorithm]:
+    """Load factorizations from a user-supplied npz in AlphaTensor's layout.
+
+    The file maps keys ``"n,m,p"`` to a sequence (U, V, W) of arrays of shapes (n*m, R), (m*p, R),
+    (n*p, R). With ``cyclic=True`` (AlphaTensor's convention, T[i m + j, j p + k, k n + i] = 1) W is
+    converted to standard form: W_std = W.reshape(p, n, R).transpose(1, 0, 2).reshape(n p, R).
+    Entries that are rationals with denominator <= ``max_denominator`` are stored exactly and every
+    result is checked with :meth:`BilinearAlgorithm.verify`; with ``strict=True`` a failure raises.
+    Returns {"<n,m,p;R>": algorithm}; register the ones you want with :func:`register`.
+    """
+    try:
+        data = np.load(path, allow_pickle=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable npz file: {e}") from None
+    out: dict[str, BilinearAlgorithm] = {}
+    for key in data.files:
+        try:
+            n, m, p = (int(v) for v in key.split(","))
+            U, V, W = (np.asarray(f) for f in data[key])
+        except (ValueError, TypeError):
+            raise ValueError(
+                f"{path}: entry {key!r} is not in AlphaTensor's layout (key 'n,m,p' -> (U, V, W)); "
+                f"this loader reads only that layout"
+            ) from None
+        R = U.shape[-1]
+        if cyclic:
+            W = W.reshape(p, n, R).transpose(1, 0, 2).reshape(n * p, R)
+        exact = [_rationalize(f, max_denominator) for f in (U, V, W)]
+        factors = exact if all(e is not None for e in exact) else [U, V, W]
+        alg = BilinearAlgorithm(n, m, p, *factors, name=f"file:{n},{m},{p};{R}", source=f"loaded from {path} [{key}]")
+        if not alg.verify():
+            if strict:
+                raise ValueError(
+                    f"{path}: entry {key!r} does not verify exactly as <{n},{m},{p};{R}> "
+                    f"(wrong convention? try cyclic={not cyclic}; or strict=False to keep it as an approximation)"
+                )
+        out[f"<{n},{m},{p};{R}>"] = alg
+    return out
