@@ -323,9 +323,14 @@ def load_alphatensor_npz(path, cyclic: bool = True, max_denominator: int = 1024,
     result is checked with :meth:`BilinearAlgorithm.verify`; with ``strict=True`` a failure raises.
     Returns {"<n,m,p;R>": algorithm}; register the ones you want with :func:`register`.
     """
+    import pickle
+    import zipfile
+
     try:
         data = np.load(path, allow_pickle=True)
-    except (OSError, ValueError) as e:
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an npz archive")
+    except (OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path} is not a readable npz file: {e}") from None
     out: dict[str, BilinearAlgorithm] = {}
     for key in data.files:
