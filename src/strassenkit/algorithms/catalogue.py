@@ -322,6 +322,8 @@ def load_alphatensor_npz(path, cyclic: bool = True, max_denominator: int = 1024,
     Entries that are rationals with denominator <= ``max_denominator`` are stored exactly and every
     result is checked with :meth:`BilinearAlgorithm.verify`; with ``strict=True`` a failure raises.
     Returns {"<n,m,p;R>": algorithm}; register the ones you want with :func:`register`.
+
+    AlphaTensor's files hold object arrays, which numpy reads with pickle: load only files you trust.
     """
     import pickle
     import zipfile
