@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full-frac", type=float, default=0.34)
     p.add_argument("--val-chars", type=int, default=60000, help="held-out characters evaluated")
     p.add_argument("--text-root", default=None)
+    p.add_argument("--val-works", nargs="+", default=None,
+                   help="held-out works for validation (default: hamlet tempest sonnets)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="results/charlm")
     p.add_argument("--append", action="store_true", help="merge into an existing runs.json")
@@ -116,9 +118,12 @@ def run(args) -> int:
 
     if args.quick:
         args.seeds, args.ratios = args.seeds[:1], args.ratios[:1]
-        args.steps, args.val_chars, args.hidden, args.seq_len = 20, 4000, 32, 24
+        args.steps, args.val_chars = min(args.steps, 20), min(args.val_chars, 4000)
+        args.hidden, args.seq_len = min(args.hidden, 32), min(args.seq_len, 24)
     torch.set_num_threads(args.threads)
-    corpus = load_char_corpus(args.text_root, val_chars=args.val_chars)
+    from ..data.shakespeare import DEFAULT_VAL_WORKS
+
+    corpus = load_char_corpus(args.text_root, val_works=args.val_works or DEFAULT_VAL_WORKS, val_chars=args.val_chars)
     V = len(corpus.vocab)
     kinds = ["dense"] + [f"spn@{r:g}" for r in args.ratios]
     print(f"Shakespeare: {len(corpus.train):,} training chars ({len(corpus.train_works)} works), {len(corpus.val):,} "

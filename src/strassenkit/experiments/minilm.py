@@ -36,13 +36,16 @@ NAME = "minilm"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny smoke run (1 seed, rank 24 + 2:4, few steps)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--ranks", type=int, nargs="+", default=[24, 32])
+    p.add_argument("--ranks", type=int, nargs="+", default=[16, 24])
     p.add_argument("--init", default="auto", help="STL init family (auto: als if registered, else random)")
     p.add_argument("--no-24", dest="with_24", action="store_false", help="skip the 2:4 pruning baseline")
-    p.add_argument("--calib-sentences", type=int, default=128)
+    p.add_argument("--calib-sentences", type=int, default=256)
+    p.add_argument("--calib-per-seed", action="store_true",
+                   help="convert and calibrate again for every seed (default: once per rank with the first seed's "
+                        "init; later seeds then differ only in the distillation sample order)")
     p.add_argument("--calib-alternate", type=int, default=0, help="extra alternating rounds in calibrate_")
-    p.add_argument("--steps", type=int, default=60, help="distillation steps")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=30, help="distillation steps")
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--eval-sentences", type=int, default=200)
@@ -201,7 +204,7 @@ def run(args) -> int:
 
     if args.quick:
         args.seeds, args.ranks = args.seeds[:1], args.ranks[:1]
-        args.calib_sentences, args.steps, args.eval_sentences, args.batch_size = 16, 3, 24, 4
+        args.calib_sentences, args.steps, args.eval_sentences, args.batch_size = 24, 2, 24, 4
     torch.set_num_threads(args.threads)
     init = args.init
     if init == "auto":
@@ -219,6 +222,7 @@ def run(args) -> int:
     print(f"all-MiniLM-L6-v2; {len(train_sents)} training sentences, {len(eval_sents)} held-out sentences; "
           f"STL ranks {args.ranks} init {init!r}; seeds {args.seeds}; {args.steps} distillation steps")
     records = []
+    calibrated: dict[int, tuple] = {}  # rank -> (student, before_calibration, calibration errors, seconds)
     for seed in args.seeds:
         torch.manual_seed(seed)
         calib = equal_length_batches(tok, train_sents[-args.calib_sentences - 1000 * seed:][:args.calib_sentences],
@@ -227,11 +231,16 @@ def run(args) -> int:
         for kind, rank in variants:
             t0 = time.perf_counter()
             masks = None
-            if rank is not None:
+            if rank is not None and rank in calibrated and not args.calib_per_seed:
+                student0, before_calib, calib_err, t_cal = calibrated[rank]
+                student = copy.deepcopy(student0)
+                t0 -= t_cal
+            elif rank is not None:
                 student = convert_stl(teacher, rank, init, seed)
                 before_calib = quality(student, teacher_emb, tok, eval_sents, args.max_length)
                 rep = calibrate_(student, calib, reference=teacher, alternate=args.calib_alternate)
                 calib_err = [v for v in (getattr(c, "rel_err_after", None) for c in rep.layers) if v is not None]
+                calibrated[rank] = (copy.deepcopy(student), before_calib, calib_err, time.perf_counter() - t0)
             else:
                 student, masks = prune_24(teacher)
                 before_calib, calib_err = None, []
@@ -245,6 +254,7 @@ def run(args) -> int:
             if rank is None:  # 2:4: half the multiply-accumulates of every pruned linear
                 c = {**c, "linear_macs": c["linear_macs"] / 2, "linear_macs_core": c["linear_macs_core"] / 2}
             rec = {"seed": seed, "model": kind, "rank": rank, "init": init if rank else None,
+                   "init_seed": (seed if args.calib_per_seed else args.seeds[0]) if rank else None,
                    "flop_reduction": dense_cost["linear_macs"] / c["linear_macs"], **c,
                    "before_calibration": before_calib, "before_distill": before, **after,
                    "calib_rel_error_mean": (sum(calib_err) / len(calib_err)) if calib_err else None,
@@ -255,7 +265,8 @@ def run(args) -> int:
                   f"{before['pair_spearman']:.4f} -> {after['pair_spearman']:.4f}")
     meta = {"config": config_of(args), "init": init,
             "scale": f"all-MiniLM-L6-v2 (all 36 block linears converted); calibration on {args.calib_sentences} "
-                     f"training-work sentences; distillation {args.steps} steps x {args.batch_size} sentences "
+                     f"training-work sentences ({'per seed' if args.calib_per_seed else 'once per rank, init seed ' + str(args.seeds[0])}); "
+                     f"distillation {args.steps} steps x {args.batch_size} sentences "
                      f"(max {args.max_length} tokens), AdamW lr {args.lr}; evaluation on {len(eval_sents)} sentences "
                      f"of held-out works ({len(eval_sents) * (len(eval_sents) - 1) // 2} pairs); {args.threads} thread(s)"}
     if args.append:
