@@ -126,7 +126,11 @@ def write_runs(out_dir: str | Path, records: list[dict], meta: dict) -> Path:
     for r in records:
         if "seed" not in r:
             raise ValueError(f"every record needs its 'seed': {r}")
-    meta = {**meta, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    import sys
+
+    argv = sys.argv[1:] if sys.argv and "pytest" not in sys.argv[0] else []
+    meta = {"command": "strassenkit " + " ".join(argv) if argv else None, **meta,
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
             "written_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
     path = out / "runs.json"
     path.write_text(json.dumps({"meta": meta, "runs": records}, indent=1, default=float))
