@@ -2,6 +2,7 @@
 
 NAME is one of vit, spn_cnn, charlm, minilm (each writes results/NAME/runs.json and PNG plots) or report
 (gathers every table and plot into results/REPORT.md). ``--quick`` gives a minutes-long smoke run;
+``--plot-only [--out DIR]`` redraws the plots of an existing runs.json without training;
 ``strassenkit experiment NAME --help`` lists the options of one experiment.
 """
 
@@ -28,6 +29,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     module_path, help_text = EXPERIMENTS[args.name]
     module = importlib.import_module(module_path)
+    if "--plot-only" in args.rest and hasattr(module, "plot"):
+        # redraw the PNG(s) and print the table from an existing runs.json (no training)
+        from pathlib import Path
+
+        from .exp_common import read_runs
+
+        rest = [a for a in args.rest if a != "--plot-only"]
+        out = Path(rest[rest.index("--out") + 1]) if "--out" in rest else Path("results") / args.name
+        runs = read_runs(out)["runs"]
+        print(module.plot(runs, out))
+        print(module.table(runs))
+        return 0
     sub = argparse.ArgumentParser(prog=f"strassenkit experiment {args.name}", description=help_text)
     module.add_arguments(sub)
     return int(module.run(sub.parse_args(args.rest)) or 0)

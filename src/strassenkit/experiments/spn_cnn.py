@@ -175,7 +175,7 @@ def plot(records: list[dict], out: Path) -> Path:
             pts.sort()
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker=marker,
-                            capsize=3, label="SPN ternary" + (" + KD" if kd else ""))
+                            linestyle="none", capsize=3, label="SPN ternary" + (" + KD" if kd else ""))
                 for v, m, _, lab in pts:
                     ax.annotate(lab, (v, m), fontsize=7, textcoords="offset points", xytext=(3, 3))
         if "dense" in groups:
