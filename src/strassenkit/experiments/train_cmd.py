@@ -14,6 +14,10 @@ Examples::
     strassenkit train --task digits --stl --steps 300 --out runs/digits-stl --resume   # after a kill
     torchrun --nproc_per_node=2 -m strassenkit train --task synthetic --out runs/ddp
     strassenkit train --config my.json --out runs/x
+    # pretrained conversion: dense run -> STL, calibrated on 8 batches, fine-tuned with distillation
+    strassenkit train --task digits --steps 300 --out runs/digits-dense
+    strassenkit train --task digits --from-dense runs/digits-dense --stl --calibrate-batches 8 --alternate 2 \\
+        --kd 0.5 --steps 100 --out runs/digits-stl-calib
 
 ``--config`` JSON: ``{"task": "digits", "train": {TrainConfig fields}, "surgery": {"config":
 {"type": "STLConfig", "tile": 4, "rank": 24}, "targets": "all-linear"}}``. Command-line options
@@ -55,6 +59,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--init", default="random", help="STL init family or catalogue name")
     parser.add_argument("--row-tile", type=int, default=None)
     parser.add_argument("--enc-lr-mult", type=float, default=None, help="lr multiplier for STL enc_x and dec")
+    parser.add_argument("--from-dense", default=None, help="start from the last checkpoint of a dense run of the same task")
+    parser.add_argument("--calibrate-batches", type=int, default=None,
+                        help="least-squares calibration of converted layers on N training batches (needs --from-dense)")
+    parser.add_argument("--alternate", type=int, default=0, help="calibration rounds that also refit enc_x and dec")
+    parser.add_argument("--kd", type=float, default=None, help="distill from the dense model with this weight (needs --from-dense)")
+    parser.add_argument("--results", default=None, help="also write the small JSON/Markdown outputs here")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -127,13 +137,13 @@ def build(task: str, seed: int):
 
 def _resolve(args) -> dict:
     """Merge --config JSON and command-line options into one JSON-able run config."""
-    cfg: dict = {"task": "synthetic", "train": {}, "surgery": None}
+    cfg: dict = {"task": "synthetic", "train": {}, "surgery": None, "from_dense": None, "calibrate": None, "kd": None}
     if args.config:
         with open(args.config) as f:
             user = json.load(f)
-        unknown = sorted(set(user) - {"task", "train", "surgery"})
+        unknown = sorted(set(user) - set(_KEYS))
         if unknown:
-            raise ValueError(f"--config {args.config}: unknown keys {unknown}; allowed: task, train, surgery")
+            raise ValueError(f"--config {args.config}: unknown keys {unknown}; allowed: {', '.join(_KEYS)}")
         cfg.update(user)
     if args.task:
         cfg["task"] = args.task
@@ -154,50 +164,105 @@ def _resolve(args) -> dict:
         raise ValueError("choose one of --stl and --spn")
     if args.stl:
         cfg["surgery"] = {"config": {"type": "STLConfig", "tile": args.tile, "rank": args.rank, "init": args.init,
-                                     "row_tile": args.row_tile, "keep_dense_weight": False}, "targets": "all-linear"}
+                                     "row_tile": args.row_tile, "seed": args.seed or 0,
+                                     "keep_dense_weight": False}, "targets": "all-linear"}
     elif args.spn:
         cfg["surgery"] = {"config": {"type": "SPNConfig", "rank_ratio": 0.5}, "targets": "all-linear"}
     if args.enc_lr_mult is not None:
         tr.setdefault("lr_groups", {})
         tr["lr_groups"].update({"enc_x": args.enc_lr_mult, "dec": args.enc_lr_mult})
+    if args.from_dense:
+        cfg["from_dense"] = args.from_dense
+    if args.calibrate_batches:
+        cfg["calibrate"] = {"batches": args.calibrate_batches, "alternate": args.alternate}
+    if args.kd is not None:
+        cfg["kd"] = args.kd
     cfg["train"] = tr
     return cfg
 
 
-def run_config(cfg: dict, out: str, resume: bool = False) -> dict:
-    """Build the task, convert, train; returns the final metrics. Used by the CLI and tests."""
-    from ..surgery import config_from_dict, strassenify_
-    from ..train import TrainConfig, latest_checkpoint, train
+_KEYS = ("task", "train", "surgery", "from_dense", "calibrate", "kd")
 
-    if resume:
-        ck = latest_checkpoint(out)
-        if ck is not None:
-            with open(os.path.join(ck, "state.json")) as f:
-                stored = json.load(f)["config"]
-            cfg = {"task": stored["task"], "train": stored["train"], "surgery": stored.get("surgery")}
+
+def run_config(cfg: dict, out: str, resume: bool = False, results: str | None = None) -> dict:
+    """Build the task, (load dense weights, convert, calibrate,) train; returns the final metrics.
+
+    ``cfg`` keys: task, train (TrainConfig fields), surgery ({"config": {...}, "targets": ...}),
+    from_dense (directory of an earlier dense run whose last checkpoint initializes the model),
+    calibrate ({"batches": int, "alternate": int}: least-squares calibration of the converted layers
+    against the dense model on that many training batches), kd (distillation weight; the dense model
+    is the teacher). ``results``: a directory that receives only the small JSON/Markdown outputs.
+    """
+    import copy
+
+    from ..surgery import calibrate_, config_from_dict, strassenify_
+    from ..train import TrainConfig, batch_indices, evaluate, latest_checkpoint, load_checkpoint, train
+
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    ck = latest_checkpoint(out) if resume else None
+    if ck is not None:
+        with open(os.path.join(ck, "state.json")) as f:
+            stored = json.load(f)["config"]
+        cfg = {k: stored.get(k) for k in _KEYS}
     tcfg = TrainConfig.from_dict(dict(cfg["train"]))
     model, tr, ev, over = build(cfg["task"], tcfg.seed)
     if tcfg.task != over["task"]:
         tcfg = TrainConfig.from_dict({**tcfg.to_dict(), "task": over["task"]})
+    stages: dict = {}
+    dense = teacher = None
+    if cfg.get("from_dense"):
+        src = latest_checkpoint(cfg["from_dense"])
+        if src is None:
+            raise FileNotFoundError(f"from_dense={cfg['from_dense']!r} has no checkpoint; train a dense model there first")
+        load_checkpoint(src, model, restore_rng=False)
+        dense = copy.deepcopy(model).eval()
+        stages["dense"] = evaluate(dense, ev, tcfg)
+        if cfg.get("kd"):
+            teacher = dense
+            tcfg = TrainConfig.from_dict({**tcfg.to_dict(), "kd_lambda": float(cfg["kd"])})
+    elif cfg.get("calibrate") or cfg.get("kd"):
+        raise ValueError("calibrate and kd need from_dense (a directory with a trained dense run of the same task)")
     if cfg.get("surgery"):
         s = cfg["surgery"]
         strassenify_(model, config_from_dict(s["config"]), targets=s.get("targets", "all-linear"))
-    full = {"task": cfg["task"], "train": tcfg.to_dict(), "surgery": cfg.get("surgery")}
-    if int(os.environ.get("RANK", "0")) == 0:
+    calib = None
+    if dense is not None and ck is None:
+        stages["converted"] = evaluate(model, ev, tcfg)
+        c = cfg.get("calibrate")
+        if c:
+            n = int(c.get("batches", 4))
+            batches = [tr[0][batch_indices(k, len(tr[0]), tcfg.batch_size, tcfg.seed + 1)] for k in range(n)]
+            calib = calibrate_(model, batches, reference=dense, alternate=int(c.get("alternate", 0)),
+                               progress=tcfg.progress)
+            stages["calibrated"] = evaluate(model, ev, tcfg)
+            if rank0:
+                print(calib.table())
+    full = {k: cfg.get(k) for k in _KEYS}
+    full["train"] = tcfg.to_dict()
+    if rank0:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(full, f, indent=2)
-    result = train(model, tr, tcfg, out_dir=out, eval_data=ev, resume=resume,
-                   extra_config={"task": cfg["task"], "surgery": cfg.get("surgery")})
-    if int(os.environ.get("RANK", "0")) == 0:
+    result = train(model, tr, tcfg, out_dir=out, eval_data=ev, resume=resume, teacher=teacher,
+                   extra_config={k: full[k] for k in _KEYS if k != "train"})
+    if rank0:
         from ..cost import count
 
         rep = count(model, ev[0][:1])
         result["macs_per_sample"] = rep.macs
         result["dense_macs_per_sample"] = rep.dense_macs
         result["params"] = sum(p.numel() for p in model.parameters())
-        with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        if stages:
+            result["stages"] = stages
+        outputs = {"summary.json": json.dumps({"config": full, **result}, indent=2)}
+        if calib is not None:
+            outputs["calibration.json"] = calib.to_json()
+            outputs["calibration.md"] = "```\n" + calib.table() + "\n```\n"
+        for d in [out] + ([results] if results else []):
+            os.makedirs(d, exist_ok=True)
+            for name, text in outputs.items():
+                with open(os.path.join(d, name), "w") as f:
+                    f.write(text)
     return result
 
 
@@ -206,7 +271,7 @@ def run(args) -> int:
 
     try:
         cfg = _resolve(args)
-        result = run_config(cfg, args.out, resume=args.resume)
+        result = run_config(cfg, args.out, resume=args.resume, results=args.results)
     except NonFiniteLossError as e:
         print(f"strassenkit train: stopped: {e}", file=sys.stderr)
         return 1

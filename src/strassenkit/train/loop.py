@@ -87,10 +87,10 @@ class TrainConfig:
     version: int = 1
 
     def __post_init__(self):
-        for name in ("steps", "batch_size"):
+        for name, lo in (("steps", 0), ("batch_size", 1)):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {v!r}")
+            if not isinstance(v, int) or v < lo:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= {lo}, got {v!r}")
         if self.task not in ("classification", "lm"):
             raise ValueError(f"TrainConfig.task must be 'classification' or 'lm', got {self.task!r}")
         if not self.lr > 0:
