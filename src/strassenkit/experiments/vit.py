@@ -42,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch", type=int, default=7, help="patch size (28/7 = 4x4 = 16 tokens)")
     p.add_argument("--tile", type=int, default=4)
     p.add_argument("--rank", type=int, default=24)
+    p.add_argument("--dense-lrs", type=float, nargs="*", default=[],
+                   help="extra dense baselines trained at these learning rates (tuning check for the dense model)")
+    p.add_argument("--only", nargs="+", default=None,
+                   help="train only these model kinds (dense is always trained too, as the timing reference)")
     p.add_argument("--inits", nargs="+", default=None,
                    help="STL init families (default: every registered family, e.g. random als truncate)")
     p.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX .gz files")
@@ -73,7 +77,7 @@ def build(kind: str, args, seed: int, tokens: int):
     from ..nn.stlinear import STLinear
 
     torch.manual_seed(seed)
-    if kind == "dense":
+    if kind == "dense" or kind.startswith("dense@"):
         make = dense_linear
     elif kind.startswith("stl-"):
         from ..algorithms.init import resolve_init
@@ -113,7 +117,9 @@ def run(args) -> int:
     tokens = (28 // args.patch) ** 2
     x_tr, y_tr, x_te, y_te = load_fashion_mnist(args.data_root, args.train_limit, args.test_limit)
     inits = args.inits or available_inits()
-    kinds = ["dense"] + [f"stl-{i}" for i in inits] + ["lowrank"]
+    kinds = ["dense"] + [f"dense@lr={lr:g}" for lr in args.dense_lrs] + [f"stl-{i}" for i in inits] + ["lowrank"]
+    if args.only:
+        kinds = ["dense"] + [k for k in kinds if k in args.only and k != "dense"]
     print(f"Fashion-MNIST {len(x_tr)} train / {len(x_te)} test, ViT d={args.dim} depth={args.depth} "
           f"patch={args.patch} ({tokens} tokens), {args.epochs} epochs; models {kinds}; seeds {args.seeds}")
     records = []
@@ -121,9 +127,10 @@ def run(args) -> int:
         models = {}
         for kind in kinds:
             model = build(kind, args, seed, tokens)
+            lr = float(kind.split("=")[1]) if kind.startswith("dense@lr=") else args.lr
             secs = train_classifier(model, x_tr, y_tr, epochs=args.epochs, batch_size=args.batch_size,
-                                    lr=args.lr, seed=seed, desc=f"{kind} s{seed}")
-            rec = {"seed": seed, "model": kind, "test_accuracy": accuracy(model, x_te, y_te),
+                                    lr=lr, seed=seed, desc=f"{kind} s{seed}")
+            rec = {"seed": seed, "model": kind, "lr": lr, "test_accuracy": accuracy(model, x_te, y_te),
                    "params": n_params(model), "train_seconds": secs, **linear_costs(model, x_te[:2])}
             print(f"  seed {seed} {kind:16s} acc {rec['test_accuracy']:.4f}  train {secs:.0f}s")
             records.append(rec)
