@@ -186,3 +186,11 @@ def test_densify_stl_row_tile_one_and_keeps_row_mixing_layers():
     torch.testing.assert_close(m(x), y)
     with pytest.raises(ValueError, match="not changed"):
         densify_(m, strict=True)
+
+
+def test_pattern_matching_a_container_converts_its_linear_children_quietly():
+    m = _net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning for the Block containers themselves
+        names = strassenify_(m, STLConfig(), targets="re:blocks\\.0(\\.fc.)?")
+    assert names == ["blocks.0.fc1", "blocks.0.fc2"]

@@ -256,6 +256,8 @@ def _plan(model, config, targets, exclude, causal, head) -> list[TargetRow]:
                 if isinstance(module, (nn.Linear, nn.Conv2d)):
                     rows.append(TargetRow(name, type(module).__name__, _shape(module), "not-targeted"))
                 continue
+        if not isinstance(module, supported_types(cfg)) and next(module.children(), None) is not None:
+            continue  # a container matched by a name pattern: its children are considered on their own
         row = TargetRow(name, type(module).__name__, _shape(module), "convert", cfg.to_dict())
         if any(_match(p, name) for p in excl):
             row.status, row.reason = "excluded", "matched exclude"
