@@ -66,21 +66,76 @@ def compute_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- layout helpers
-def _tiles(x: Tensor, n: int, m: int, Mt: int, Kt: int) -> Tensor:
-    """x (B, M, K) -> (n*m, B*Mt*Kt): zero-pad to tile multiples, one permute-copy."""
-    B, M, K = x.shape
-    pr, pc = Mt * n - M, Kt * m - K
+# Encode/decode are skinny GEMMs (inner dimension n*m or r) over millions of columns: BLAS runs them
+# far below peak and the permute-copies that bring tiles into the bmm layout are strided gathers.
+# Both are done in row blocks of the bmm layout sized to stay in cache (_CHUNK_COLS columns): the
+# tile copy of a block is consumed by the GEMM while hot, and decode scatters each block into the
+# final (B, M, N) layout while hot. Measured on a 2-core AVX2 EPYC: ~25-40 % less time for these
+# passes than one whole-tensor permute-copy + one GEMM.
+_CHUNK_COLS = 8192
+
+
+def _padded(x: Tensor, rows: int, cols: int) -> Tensor:
+    pr, pc = rows - x.shape[-2], cols - x.shape[-1]
     if pr or pc:
         x = torch.nn.functional.pad(x, (0, pc, 0, pr))
-    return x.reshape(B, Mt, n, Kt, m).permute(2, 4, 0, 1, 3).reshape(n * m, B * Mt * Kt)
+    return x
 
 
-def _untile(t: Tensor, n: int, m: int, B: int, Mt: int, Kt: int, M: int, K: int) -> Tensor:
-    """Inverse of :func:`_tiles`: (n*m, B*Mt*Kt) -> (B, M, K) contiguous (padding dropped)."""
-    y = t.view(n, m, B, Mt, Kt).permute(2, 3, 0, 4, 1)
-    if Mt * n == M and Kt * m == K:
-        return y.reshape(B, M, K).contiguous()  # reshape is a view when n == 1 or m == 1
-    return y.reshape(B, Mt * n, Kt * m)[:, :M, :K].contiguous()
+def _blocks(rows: int, cols_per_row: int):
+    step = max(1, _CHUNK_COLS // max(1, cols_per_row))
+    for s in range(0, rows, step):
+        yield s, min(rows, s + step)
+
+
+def _tile_block(x5: Tensor, s: int, e: int) -> Tensor:
+    """x5 (BMt, n, Kt, m) rows s:e -> tiles (n*m, (e-s)*Kt) (a small copy)."""
+    _, n, Kt, m = x5.shape
+    return x5[s:e].permute(1, 3, 0, 2).reshape(n * m, (e - s) * Kt)
+
+
+def _encode(x: Tensor, enc: Tensor, n: int, m: int, Mt: int, Kt: int, wgrad_of: Tensor | None = None):
+    """x (B, M, K) -> enc-encoded (r, B*Mt, Kt), enc (r, n*m); zero padding to tile multiples.
+
+    With ``wgrad_of`` = G (r, B*Mt, Kt) also returns sum over tiles of G x tiles^T (r, n*m), the
+    gradient of the encoder, computed from the same cache-hot tile blocks.
+    """
+    B = x.shape[0]
+    r = enc.shape[0]
+    x5 = _padded(x, Mt * n, Kt * m).reshape(B * Mt, n, Kt, m)
+    out = x.new_empty((r, B * Mt, Kt))
+    genc = x.new_zeros((r, n * m)) if wgrad_of is not None else None
+    enc = enc.t().contiguous().t()  # column-major encoder: measurably faster skinny GEMM in MKL
+    for s, e in _blocks(B * Mt, Kt):
+        t = _tile_block(x5, s, e)
+        torch.mm(enc, t, out=out[:, s:e].view(r, (e - s) * Kt))  # strided out: BLAS writes in place (ldc)
+        if genc is not None:
+            genc.addmm_(wgrad_of[:, s:e].reshape(r, (e - s) * Kt), t.t())
+    return out, genc
+
+
+def _tiles_wgrad(x: Tensor, g: Tensor, n: int, m: int, Mt: int, Kt: int) -> Tensor:
+    """sum over tiles of g (r, B*Mt, Kt) x tiles(x)^T -> (r, n*m) without materializing all tiles."""
+    B = x.shape[0]
+    r = g.shape[0]
+    x5 = _padded(x, Mt * n, Kt * m).reshape(B * Mt, n, Kt, m)
+    out = x.new_zeros((r, n * m))
+    for s, e in _blocks(B * Mt, Kt):
+        out.addmm_(g[:, s:e].reshape(r, (e - s) * Kt), _tile_block(x5, s, e).t())
+    return out
+
+
+def _decode(P: Tensor, dec: Tensor, n: int, p: int, B: int, Mt: int, M: int, N: int) -> Tensor:
+    """P (r, B*Mt, Nt) -> (B, M, N): y[b, a*n+i, c*p+k] = sum_l dec[i*p+k, l] P[l, b*Mt+a, c]."""
+    r, BMt, Nt = P.shape
+    y = P.new_empty((B * Mt, n, Nt, p))
+    for s, e in _blocks(BMt, Nt):
+        blk = dec @ P[:, s:e].reshape(r, (e - s) * Nt)  # (n*p, (e-s)*Nt)
+        y[s:e].copy_(blk.view(n, p, e - s, Nt).permute(2, 0, 3, 1))
+    y = y.view(B, Mt * n, Nt * p)
+    if Mt * n != M or Nt * p != N:
+        y = y[:, :M, :N].contiguous()
+    return y
 
 
 def _forward_impl(x, w_hat, enc_x, dec, n, m, p, out_features):
@@ -88,11 +143,9 @@ def _forward_impl(x, w_hat, enc_x, dec, n, m, p, out_features):
     r, Kt, Nt = w_hat.shape
     Mt = _ceil(M, n)
     cdt = compute_dtype(x.dtype, x.device.type)
-    xt = _tiles(x.to(cdt), n, m, Mt, Kt)
-    x_hat = (enc_x.to(cdt) @ xt).view(r, B * Mt, Kt)
+    x_hat, _ = _encode(x.to(cdt), enc_x.to(cdt), n, m, Mt, Kt)
     prod = torch.bmm(x_hat, w_hat.to(cdt))
-    yt = dec.to(cdt) @ prod.view(r, B * Mt * Nt)
-    y = _untile(yt, n, p, B, Mt, Nt, M, out_features)
+    y = _decode(prod, dec.to(cdt), n, p, B, Mt, M, out_features)
     return y.to(x.dtype), x_hat, prod
 
 
@@ -122,30 +175,32 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, w_hat, enc_x, dec, x_hat, prod)
     ctx.fmt = (n, m, p)
     ctx.mark_non_differentiable(x_hat, prod)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the unused x_hat/prod outputs
 
 
 def _backward(ctx, grad_y, _grad_xhat, _grad_prod):
     x, w_hat, enc_x, dec, x_hat, prod = ctx.saved_tensors
     n, m, p = ctx.fmt
+    if grad_y is None:
+        return None, None, None, None, None, None, None, None
     need_x, need_w, need_e, need_d = ctx.needs_input_grad[:4]
     B, M, K = x.shape
     r, Kt, Nt = w_hat.shape
     Mt = _ceil(M, n)
     cdt = x_hat.dtype
-    gt = _tiles(grad_y.to(cdt), n, p, Mt, Nt)  # (n*p, B*Mt*Nt)
     gx = gw = ge = gd = None
+    # g_prod = dec^T-encode of grad_y; grad_dec = sum over tiles of prod x tiles(grad_y)^T, transposed
+    g_prod, gdT = _encode(grad_y.to(cdt), dec.to(cdt).t(), n, p, Mt, Nt, wgrad_of=prod if need_d else None)
     if need_d:
-        gd = (gt @ prod.view(r, -1).t()).to(dec.dtype)
-    if need_x or need_w or need_e:
-        g_prod = (dec.to(cdt).t() @ gt).view(r, B * Mt, Nt)
-        if need_w:
-            gw = torch.bmm(x_hat.transpose(1, 2), g_prod).to(w_hat.dtype)
-        if need_x or need_e:
-            g_xhat = torch.bmm(g_prod, w_hat.to(cdt).transpose(1, 2)).view(r, B * Mt * Kt)
-            if need_x:
-                gx = _untile(enc_x.to(cdt).t() @ g_xhat, n, m, B, Mt, Kt, M, K).to(x.dtype)
-            if need_e:
-                ge = (g_xhat @ _tiles(x.to(cdt), n, m, Mt, Kt).t()).to(enc_x.dtype)
+        gd = gdT.t().to(dec.dtype)
+    if need_w:
+        gw = torch.bmm(x_hat.transpose(1, 2), g_prod).to(w_hat.dtype)
+    if need_x or need_e:
+        g_xhat = torch.bmm(g_prod, w_hat.to(cdt).transpose(1, 2))
+        if need_x:
+            gx = _decode(g_xhat, enc_x.to(cdt).t(), n, m, B, Mt, M, K).to(x.dtype)
+        if need_e:
+            ge = _tiles_wgrad(x.to(cdt), g_xhat, n, m, Mt, Kt).to(enc_x.dtype)
     return gx, gw, ge, gd, None, None, None, None
 
 

@@ -1,0 +1,334 @@
+"""``strassenkit bench``: wall-clock STL (fast path) vs dense ``F.linear``, forward and training step.
+
+Every row is a problem (M rows, K in-features, N out-features) with tile t=4, rank r=24 (unless
+``--tile/--rank``), one dtype, one mode and one thread count:
+
+- forward: ``stl_apply(x, w_hat, enc_x, dec)`` vs ``F.linear(x, w)`` under ``torch.no_grad``
+  (the weight is already encoded: encoding happens once, never per call).
+- train: forward + backward with gradients for x, w_hat, enc_x, dec vs F.linear forward + backward
+  for x and w.
+
+Timing: the dense and STL calls are interleaved inside each repeat (so load changes hit both), after
+warm-up; the reported time is the median of the repeats. The core-bmm time (the r batched products
+alone; in train mode the three bmms of forward + backward) gives the "bmm-only bound"
+dense/core and the share of STL time spent outside the core, 1 - core/STL. The FLOP bound is
+dense MACs / STL core MACs (n*m*p/r up to padding). Rows where STL is slower are kept.
+
+Outputs (``--out``, default results/bench/): ``bench.json`` (or ``bench_quick.json``), ``bench.md``
+(or ``bench_quick.md``) and ``speedup.png`` (``speedup_quick.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..functional.ops import compute_dtype, native_low_precision
+from ..functional.stl import stl_apply
+
+__all__ = ["SHAPE_SETS", "QUICK_SETS", "BenchRow", "bench_row", "run_bench", "add_arguments", "run"]
+
+# name -> list of (M, K, N, dtypes, thread counts); M counts rows (tokens), grouped as (M/64, 64, K)
+# for the row tiles when M is a multiple of 64 (a batch of sequences), else one matrix.
+_BOTH = (1, 2)
+SHAPE_SETS: dict[str, list[tuple[int, int, int, tuple[str, ...], tuple[int, ...]]]] = {
+    "square": [
+        (512, 512, 512, ("float32", "bfloat16"), _BOTH),
+        (1024, 1024, 1024, ("float32", "bfloat16"), _BOTH),
+        (2048, 2048, 2048, ("float32",), (2,)),
+        (4096, 4096, 4096, ("float32",), (2,)),
+    ],
+    "vit": [(12608, 768, 3072, ("float32",), (2,)), (12608, 3072, 768, ("float32",), (2,))],
+    "llm": [(4096, 4096, 11008, ("float32",), (2,))],
+    "small_batch": [(16, 4096, 4096, ("float32",), _BOTH)],
+    "small_width": [
+        (6400, 128, 512, ("float32", "bfloat16"), _BOTH),
+        (6400, 512, 128, ("float32",), _BOTH),
+        (6400, 192, 768, ("float32",), _BOTH),
+        (6400, 256, 1024, ("float32",), _BOTH),
+        (6400, 384, 1536, ("float32",), _BOTH),
+        (6400, 1536, 384, ("float32",), _BOTH),
+    ],
+}
+QUICK_SETS = {
+    "square": [(512, 512, 512, ("float32", "bfloat16"), _BOTH), (1024, 1024, 1024, ("float32",), _BOTH)],
+    "small_width": [(6400, 128, 512, ("float32",), _BOTH)],
+}
+
+
+@dataclass
+class BenchRow:
+    set: str
+    M: int
+    K: int
+    N: int
+    dtype: str
+    compute_dtype: str
+    mode: str
+    threads: int
+    dense_ms: float
+    stl_ms: float
+    core_ms: float
+    speedup: float
+    flop_bound: float
+    bmm_bound: float
+    outside_core_share: float
+    repeats: int
+
+
+def _median_interleaved(fns: list, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        for f in fns:
+            f()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, f in enumerate(fns):
+            t0 = time.perf_counter()
+            f()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def bench_row(
+    set_name: str, M: int, K: int, N: int, dtype: str, mode: str, threads: int,
+    tile: int = 4, rank: int = 24, repeats: int = 5, warmup: int = 1, seed: int = 0,
+) -> BenchRow:
+    """Time one (shape, dtype, mode, threads) row; see the module docstring."""
+    if mode not in ("forward", "train"):
+        raise ValueError(f"mode must be 'forward' or 'train', got {mode!r}")
+    dt = getattr(torch, dtype)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(seed)
+        L = 64 if M % 64 == 0 else M
+        x = torch.randn(M // L, L, K, generator=g).to(dt)
+        w = (torch.randn(N, K, generator=g) / K**0.5).to(dt)
+        n = m = p = tile
+        Kt, Nt, Mt = _ceil(K, m), _ceil(N, p), (M // L) * _ceil(L, n)
+        w_hat = (torch.randn(rank, Kt, Nt, generator=g) / Kt**0.5).to(dt)
+        enc_x = (torch.randn(rank, n * m, generator=g) / (n * m) ** 0.5).to(dt)
+        dec = (torch.randn(n * p, rank, generator=g) / rank**0.5).to(dt)
+        cdt = compute_dtype(dt, "cpu")
+        x_hat = torch.randn(rank, Mt, Kt, generator=g).to(cdt)
+        w_core = w_hat.to(cdt)
+        gy = torch.randn(M // L, L, N, generator=g).to(dt)
+        if mode == "forward":
+            def dense():
+                with torch.no_grad():
+                    F.linear(x, w)
+
+            def stl():
+                with torch.no_grad():
+                    stl_apply(x, w_hat, enc_x, dec, tile, N)
+
+            def core():
+                torch.bmm(x_hat, w_core)
+        else:
+            xd, wd = x.clone().requires_grad_(), w.clone().requires_grad_()
+            ps = [t.clone().requires_grad_() for t in (x, w_hat, enc_x, dec)]
+            g_prod = torch.randn(rank, Mt, Nt, generator=g).to(cdt)
+
+            def dense():
+                xd.grad = wd.grad = None
+                F.linear(xd, wd).backward(gy)
+
+            def stl():
+                for t in ps:
+                    t.grad = None
+                stl_apply(*ps, tile, N).backward(gy)
+
+            def core():
+                torch.bmm(x_hat, w_core)
+                torch.bmm(g_prod, w_core.transpose(1, 2))
+                torch.bmm(x_hat.transpose(1, 2), g_prod)
+        d, s, c = _median_interleaved([dense, stl, core], repeats, warmup)
+    finally:
+        torch.set_num_threads(old_threads)
+    core_macs = rank * Mt * Kt * Nt
+    return BenchRow(
+        set=set_name, M=M, K=K, N=N, dtype=dtype, compute_dtype=str(cdt).replace("torch.", ""), mode=mode,
+        threads=threads, dense_ms=d * 1e3, stl_ms=s * 1e3, core_ms=c * 1e3, speedup=d / s,
+        flop_bound=M * K * N / core_macs, bmm_bound=d / c, outside_core_share=max(0.0, 1 - c / s), repeats=repeats,
+    )
+
+
+def _machine_info() -> dict:
+    model, flags = platform.processor() or "unknown", []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("unknown", "", platform.processor()):
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    break
+    except OSError:
+        pass
+    simd = sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "cpu": model, "simd": simd, "cores": os.cpu_count(), "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16_gemm": native_low_precision("cpu"), "loadavg_start": load,
+    }
+
+
+def _break_even(rows: list[BenchRow]) -> dict:
+    """Smallest dense-MAC count from which every larger measured square row has speedup >= 1."""
+    out = {}
+    for dtype in sorted({r.dtype for r in rows}):
+        for mode in ("forward", "train"):
+            best: dict[int, float] = {}
+            for r in rows:
+                if r.set == "square" and r.dtype == dtype and r.mode == mode:
+                    best[r.M] = max(best.get(r.M, 0.0), r.speedup)
+            if not best:
+                continue
+            sizes = sorted(best)
+            be = None
+            for i, s in enumerate(sizes):
+                if all(best[z] >= 1.0 for z in sizes[i:]):
+                    be = s
+                    break
+            out[f"{dtype}/{mode}"] = (
+                f"square {be}^3" if be is not None else f"not reached up to {sizes[-1]}^3"
+            )
+    return out
+
+
+def run_bench(sets: dict, modes=("forward", "train"), tile=4, rank=24, repeats=5, threads=None, progress=True):
+    """Run every row of ``sets``; returns (rows, info). ``threads`` overrides the per-row thread counts."""
+    from tqdm import tqdm
+
+    jobs = []
+    for name, shapes in sets.items():
+        for M, K, N, dtypes, ths in shapes:
+            for dtype in dtypes:
+                for mode in modes:
+                    for th in threads or ths:
+                        jobs.append((name, M, K, N, dtype, mode, th))
+    info = _machine_info()
+    rows = []
+    for job in tqdm(jobs, desc="bench", disable=not progress):
+        name, M, K, N, dtype, mode, th = job
+        big = M * K * N >= 2**36
+        rows.append(bench_row(name, M, K, N, dtype, mode, th, tile, rank, repeats=3 if big else repeats))
+    info["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    info["break_even"] = _break_even(rows)
+    return rows, info
+
+
+def _markdown(rows: list[BenchRow], info: dict, command: str) -> str:
+    lines = [
+        "# STL vs dense F.linear: wall-clock on this machine",
+        "",
+        f"Regenerate: `{command}`",
+        "",
+        f"- CPU: {info['cpu']} ({info['cores']} cores), SIMD flags: {', '.join(info['simd']) or 'n/a'}; "
+        f"torch {info['torch']} (CPU capability {info['cpu_capability']}); native bf16 GEMM: {info['native_bf16_gemm']}",
+        f"- load average (1, 5, 15 min) at start {info['loadavg_start']}, at end {info['loadavg_end']} "
+        "(other jobs shared the cores: absolute times are noisy; dense and STL are interleaved per repeat, "
+        "so the ratios are the figures to read)",
+        "- t=4, r=24 tiles (4x4 row tiles grouped inside sequences of 64 rows); median of repeats after warm-up",
+        "- speedup = dense / STL; flop bound = dense MACs / STL core MACs; bmm bound = dense / core-bmm time; "
+        "outside = share of STL time outside the core bmm(s)",
+        "- bf16 rows: compute dtype shows what the fast path computes in (float32 on CPUs without native bf16 GEMMs); "
+        "dense is native bf16 F.linear",
+        "",
+        "Break-even (square shapes, best thread count): "
+        + "; ".join(f"{k}: {v}" for k, v in info["break_even"].items()),
+        "",
+        "| set | M x K x N | dtype (compute) | mode | threads | dense ms | STL ms | speedup | flop bound | bmm bound | outside core |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.set} | {r.M}x{r.K}x{r.N} | {r.dtype} ({r.compute_dtype}) | {r.mode} | {r.threads} | "
+            f"{r.dense_ms:.1f} | {r.stl_ms:.1f} | **{r.speedup:.2f}x** | {r.flop_bound:.2f} | {r.bmm_bound:.2f} | "
+            f"{100 * r.outside_core_share:.0f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[BenchRow], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r.dtype, r.mode, r.threads), []).append(r)
+    for (dtype, mode, th), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r.M * r.K * r.N)
+        ax.plot([r.M * r.K * r.N for r in rs], [r.speedup for r in rs], "o-" if mode == "forward" else "s--",
+                label=f"{dtype} {mode} {th} thr", alpha=0.8)
+    ax.axhline(1.0, color="k", lw=1)
+    if rows:
+        ax.axhline(rows[0].flop_bound, color="gray", ls=":", label=f"FLOP bound {rows[0].flop_bound:.2f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("dense MACs (M*K*N)")
+    ax.set_ylabel("speedup over dense F.linear")
+    ax.set_title("STL t=4 r=24 vs dense (all shape sets)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="small shape set (about a minute)")
+    parser.add_argument("--sets", default=None, help=f"comma-separated shape sets from {sorted(SHAPE_SETS)}")
+    parser.add_argument("--modes", default="forward,train", help="forward,train")
+    parser.add_argument("--threads", default=None, help="override thread counts, e.g. 1,2 (default: per row)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per row (3 for the largest rows)")
+    parser.add_argument("--tile", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=24)
+    parser.add_argument("--out", default="results/bench", help="output folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    pool = QUICK_SETS if args.quick else SHAPE_SETS
+    if args.sets:
+        names = [s.strip() for s in args.sets.split(",") if s.strip()]
+        bad = [s for s in names if s not in SHAPE_SETS]
+        if bad:
+            raise SystemExit(f"--sets: unknown shape set(s) {bad}; choose from {sorted(SHAPE_SETS)}")
+        pool = {s: (QUICK_SETS if args.quick else SHAPE_SETS).get(s, SHAPE_SETS[s]) for s in names}
+    modes = tuple(s.strip() for s in args.modes.split(",") if s.strip())
+    if not modes or any(m not in ("forward", "train") for m in modes):
+        raise SystemExit(f"--modes must be a comma-separated subset of forward,train, got {args.modes!r}")
+    threads = [int(v) for v in args.threads.split(",")] if args.threads else None
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be >= 1")
+    rows, info = run_bench(pool, modes, args.tile, args.rank, args.repeats, threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    cmd = "strassenkit bench" + (" --quick" if args.quick else "")
+    if args.sets:
+        cmd += f" --sets {args.sets}"
+    if args.threads:
+        cmd += f" --threads {args.threads}"
+    payload = {"command": cmd, "tile": args.tile, "rank": args.rank, "machine": info, "rows": [asdict(r) for r in rows]}
+    (out / f"bench{suffix}.json").write_text(json.dumps(payload, indent=1))
+    md = _markdown(rows, info, cmd)
+    (out / f"bench{suffix}.md").write_text(md)
+    _plot(rows, out / f"speedup{suffix}.png")
+    print(md)
+    return 0
