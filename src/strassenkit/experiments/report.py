@@ -83,6 +83,9 @@ def check_spn_cnn(runs) -> list[str]:
         fewer = 100 * (1 - rs[0]["conv_mults"] / dense[0]["conv_mults"])
         out.append(f"- {kind}{' +KD' if kd else ''}: {fewer:.1f}% fewer conv multiplications, accuracy "
                    f"{m[0]:.4f} ± {m[1]:.4f} ({m[0] - d[0]:+.4f} vs full precision).")
+    counters = sorted({r.get("counter", "?") for r in runs})
+    out.append(f"- multiplications/additions counted by: {', '.join(counters)}. The stem convolution (1 input channel) "
+               f"and the head stay dense and full precision in every model and are excluded from the conv columns.")
     return out
 
 
@@ -106,8 +109,14 @@ def check_minilm(runs) -> list[str]:
     for k, rs in group_runs(runs).items():
         c = mean_std([r["cosine_mean"] for r in rs])
         s = mean_std([r["pair_spearman"] for r in rs])
+        extra = ""
+        errs = [r["calib_rel_error_mean"] for r in rs if r.get("calib_rel_error_mean") is not None]
+        if errs:
+            bc = [r["before_calibration"]["cosine_mean"] for r in rs if r.get("before_calibration")]
+            extra = (f" Mean per-layer relative error after calibrate_: {mean_std(errs)[0]:.3f}; cosine right after "
+                     f"conversion (before calibration): {mean_std(bc)[0]:.4f}.")
         out.append(f"- {k}: {mean_std([r['flop_reduction'] for r in rs])[0]:.2f}x fewer linear FLOPs, cosine to teacher "
-                   f"{c[0]:.4f} ± {c[1]:.4f}, pair-similarity Spearman {s[0]:.4f} ± {s[1]:.4f}.")
+                   f"{c[0]:.4f} ± {c[1]:.4f}, pair-similarity Spearman {s[0]:.4f} ± {s[1]:.4f}.{extra}")
     return out
 
 
