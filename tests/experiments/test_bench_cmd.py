@@ -1,0 +1,56 @@
+"""strassenkit bench: row arithmetic, break-even logic, and the files the command writes."""
+
+import argparse
+import json
+
+import pytest
+
+from strassenkit.experiments import bench
+
+
+def test_bench_row_fields_are_consistent():
+    row = bench.bench_row("t", 64, 32, 48, "float32", "train", 1, repeats=1, warmup=1)
+    assert row.dense_ms > 0 and row.stl_ms > 0 and row.core_ms > 0
+    assert row.speedup == pytest.approx(row.dense_ms / row.stl_ms)
+    assert row.bmm_bound == pytest.approx(row.dense_ms / row.core_ms)
+    assert row.flop_bound == pytest.approx(64 / 24)  # multiples of 4: exactly t^3 / r
+    assert 0.0 <= row.outside_core_share < 1.0
+
+
+def test_flop_bound_counts_padding():
+    row = bench.bench_row("t", 6, 5, 5, "float32", "forward", 1, repeats=1, warmup=0)
+    assert row.flop_bound == pytest.approx(6 * 5 * 5 / (24 * 2 * 2 * 2))
+
+
+def test_bad_mode_rejected():
+    with pytest.raises(ValueError, match="mode"):
+        bench.bench_row("t", 8, 8, 8, "float32", "backward", 1)
+
+
+def _row(M, speedup, mode="forward", dtype="float32"):
+    return bench.BenchRow("square", M, M, M, dtype, dtype, mode, 1, 1.0, 1.0 / speedup, 0.5, speedup, 2.67, 2.0, 0.5, 1)
+
+
+def test_break_even_is_first_size_from_which_all_larger_win():
+    rows = [_row(512, 0.5), _row(1024, 1.1), _row(2048, 0.9), _row(4096, 1.5), _row(512, 0.2, "train")]
+    be = bench._break_even(rows)
+    assert be["float32/forward"] == "square 4096^3"
+    assert be["float32/train"] == "not reached up to 512^3"
+
+
+def test_run_writes_json_markdown_and_plot(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "QUICK_SETS", {"square": [(32, 32, 32, ("float32", "bfloat16"), (1,))]})
+    args = argparse.Namespace(quick=True, sets=None, modes="forward,train", threads=None, repeats=1, tile=4, rank=24, out=str(tmp_path))
+    assert bench.run(args) == 0
+    data = json.loads((tmp_path / "bench_quick.json").read_text())
+    assert len(data["rows"]) == 4 and {r["dtype"] for r in data["rows"]} == {"float32", "bfloat16"}
+    assert "torch" in data["machine"] and "cpu" in data["machine"]
+    md = (tmp_path / "bench_quick.md").read_text()
+    assert md.count("| square | 32x32x32 |") == 4
+    assert (tmp_path / "speedup_quick.png").stat().st_size > 1000
+
+
+def test_unknown_set_rejected(tmp_path):
+    args = argparse.Namespace(quick=True, sets="nope", modes="forward", threads=None, repeats=1, tile=4, rank=24, out=str(tmp_path))
+    with pytest.raises(SystemExit, match="unknown shape set"):
+        bench.run(args)
