@@ -362,8 +362,8 @@ class SPNConv2d(SPNModule):
         fan_b = in_channels // groups * self.window[0] * self.window[1]
         self.w_b = nn.Parameter(torch.randn(rank, in_channels // groups, *self.window, **kw_) / math.sqrt(fan_b))
         self.a_hat = nn.Parameter(torch.ones(rank, **kw_))
-        # each output pixel sums r/g hidden channels; scale so the output variance is ~ k*k*C_in/(window) of input
-        self.w_c = nn.Parameter(torch.randn(rank, out_channels // groups, qh, qw, **kw_) * math.sqrt(kh * kw / (self.window[0] * self.window[1]) / (rank // groups)))
+        # hidden units have ~unit variance for unit-variance inputs; each output sums r/g of them
+        self.w_c = nn.Parameter(torch.randn(rank, out_channels // groups, qh, qw, **kw_) / math.sqrt(rank // groups))
         self.bias = nn.Parameter(torch.zeros(out_channels, **kw_)) if bias else None
         self.norm = _make_norm(norm, rank, 2, device, dtype)
         self._init_phase(quantizer)
