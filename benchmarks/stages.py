@@ -1,0 +1,65 @@
+"""Where STL forward time goes for one shape: encode, core bmm, decode vs dense F.linear.
+
+    python benchmarks/stages.py 4096 4096 4096 --threads 2
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from strassenkit.functional import ops
+from strassenkit.functional.stl import stl_apply
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("M", type=int)
+    ap.add_argument("K", type=int)
+    ap.add_argument("N", type=int)
+    ap.add_argument("--tile", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=24)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
+    ap.add_argument("--repeats", type=int, default=5)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    dt = getattr(torch, a.dtype)
+    t, r = a.tile, a.rank
+    L = 64 if a.M % 64 == 0 else a.M
+    B = a.M // L
+    Kt, Nt, Mt = -(-a.K // t), -(-a.N // t), -(-L // t)
+    x = torch.randn(B, L, a.K).to(dt)
+    w = torch.randn(a.N, a.K).to(dt)
+    w_hat, enc_x, dec = torch.randn(r, Kt, Nt).to(dt), torch.randn(r, t * t).to(dt), torch.randn(t * t, r).to(dt)
+    cdt = ops.compute_dtype(dt, "cpu")
+    xc, ec, dc, wc = x.to(cdt), enc_x.to(cdt), dec.to(cdt), w_hat.to(cdt)
+    x_hat, _ = ops._encode(xc, ec, t, t, Mt, Kt)
+    prod = torch.bmm(x_hat, wc)
+    stages = {
+        "dense F.linear": lambda: F.linear(x, w),
+        "STL forward (all)": lambda: stl_apply(x, w_hat, enc_x, dec, t, a.N),
+        "  encode": lambda: ops._encode(xc, ec, t, t, Mt, Kt),
+        "  core bmm": lambda: torch.bmm(x_hat, wc),
+        "  decode": lambda: ops._decode(prod, dc, t, t, B, Mt, L, a.N),
+    }
+    times = {k: [] for k in stages}
+    with torch.no_grad():
+        for f in stages.values():
+            f()
+        for _ in range(a.repeats):
+            for k, f in stages.items():
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+    dense = statistics.median(times["dense F.linear"])
+    print(f"M={a.M} K={a.K} N={a.N} t={t} r={r} {a.dtype} (compute {cdt}) threads={a.threads}")
+    for k, v in times.items():
+        med = statistics.median(v)
+        print(f"{k:20s} {med * 1e3:9.2f} ms   dense/this = {dense / med:5.2f}")
+
+
+if __name__ == "__main__":
+    main()
