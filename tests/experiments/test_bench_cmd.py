@@ -45,6 +45,8 @@ def test_run_writes_json_markdown_and_plot(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "bench_quick.json").read_text())
     assert len(data["rows"]) == 4 and {r["dtype"] for r in data["rows"]} == {"float32", "bfloat16"}
     assert "torch" in data["machine"] and "cpu" in data["machine"]
+    for r in data["rows"]:  # the dense-in-compute-dtype baseline exists exactly when STL upcasts
+        assert (r["speedup_vs_upcast"] is not None) == (r["compute_dtype"] != r["dtype"])
     md = (tmp_path / "bench_quick.md").read_text()
     assert md.count("| square | 32x32x32 |") == 4
     assert (tmp_path / "speedup_quick.png").stat().st_size > 1000
