@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embed", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=250)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--full-frac", type=float, default=0.34)
     p.add_argument("--val-chars", type=int, default=60000, help="held-out characters evaluated")
