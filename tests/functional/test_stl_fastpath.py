@@ -163,3 +163,10 @@ def test_backward_keeps_no_tile_copy_of_x():
     r, Bmt, Kt, Nt = 24, 4 * 16, 16, 16
     expected = sorted([x.numel(), w.numel(), e.numel(), d.numel(), r * Bmt * Kt, r * Bmt * Nt])
     assert sorted(sizes) == expected
+
+
+def test_double_backward_raises_clear_error():
+    x, w, e, d = _operands((1,), 4, 4, 4, (4, 4, 4), 3, grad=True)
+    y = stl_apply(x, w, e, d, 4, 4)
+    with pytest.raises(NotImplementedError, match="stl_apply_reference"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)

@@ -183,6 +183,11 @@ def _backward(ctx, grad_y, _grad_xhat, _grad_prod):
     n, m, p = ctx.fmt
     if grad_y is None:
         return None, None, None, None, None, None, None, None
+    if torch.is_grad_enabled():  # backward(create_graph=True): this backward is not itself differentiable
+        raise NotImplementedError(
+            "double backward (create_graph=True) through the STL fast path is not supported; "
+            "use strassenkit.functional.stl_apply_reference for higher-order gradients"
+        )
     need_x, need_w, need_e, need_d = ctx.needs_input_grad[:4]
     B, M, K = x.shape
     r, Kt, Nt = w_hat.shape
