@@ -180,12 +180,14 @@ def plot(records: list[dict], out: Path) -> Path:
 
     groups = group_runs(records)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, rs in groups.items():
-        macs = mean_std([r["linear_macs_per_image"] for r in rs])[0] / 1e6
+    span = max(r["linear_macs_per_image"] for r in records) / 1e6
+    for i, (kind, rs) in enumerate(groups.items()):
+        # small horizontal offsets so models with equal MACs do not hide each other
+        macs = mean_std([r["linear_macs_per_image"] for r in rs])[0] / 1e6 + (i - len(groups) / 2) * 0.006 * span
         m, s = mean_std([r["test_accuracy"] for r in rs])
         ax.errorbar([macs], [m], yerr=[s], fmt="o", capsize=4, label=kind)
         ax.scatter([macs] * len(rs), [r["test_accuracy"] for r in rs], s=8, alpha=0.4, color="gray")
-    ax.set_xlabel("linear-layer MMACs per image (incl. encode/decode)")
+    ax.set_xlabel("linear-layer MMACs per image (incl. encode/decode; points offset slightly)")
     ax.set_ylabel("test accuracy")
     ax.set_title("ViT on Fashion-MNIST: dense vs STL (t=4, r=24) vs low rank")
     ax.legend(fontsize=8)
