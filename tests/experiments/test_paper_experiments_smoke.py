@@ -86,3 +86,20 @@ def test_merge_runs_replaces_same_seed_and_model(tmp_path):
     assert meta["previous_configs"] == [{"x": 1}]
     with pytest.raises(ValueError, match="seed"):
         write_runs(tmp_path, [{"model": "a"}], {})
+
+
+def test_calibration_batches_have_no_padding():
+    try:
+        from strassenkit.data.minilm import Tokenizer
+
+        tok = Tokenizer()
+    except (FileNotFoundError, ImportError) as e:
+        pytest.skip(f"all-MiniLM-L6-v2 tokenizer not installed (make data): {e}")
+    from strassenkit.experiments.minilm import equal_length_batches
+
+    sents = ["A man is playing a guitar.", "Someone plays.", "The cat sat on the mat.", "A dog runs.",
+             "Good night, sweet prince, and flights of angels sing thee to thy rest."]
+    batches = equal_length_batches(tok, sents, max_length=12, batch_size=2)
+    assert sum(len(ids) for ids, _ in batches) == len(sents)
+    for ids, mask in batches:
+        assert bool(mask.all()) and ids.shape[1] <= 12

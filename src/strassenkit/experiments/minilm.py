@@ -223,12 +223,15 @@ def run(args) -> int:
           f"STL ranks {args.ranks} init {init!r}; seeds {args.seeds}; {args.steps} distillation steps")
     records = []
     calibrated: dict[int, tuple] = {}  # rank -> (student, before_calibration, calibration errors, seconds)
-    for seed in args.seeds:
-        torch.manual_seed(seed)
-        calib = equal_length_batches(tok, train_sents[-args.calib_sentences - 1000 * seed:][:args.calib_sentences],
-                                     args.max_length)
-        variants = [(f"stl-r{r}", r) for r in args.ranks] + ([("2:4", None)] if args.with_24 else [])
-        for kind, rank in variants:
+    # variants outer, seeds inner: the cheap 2:4 baseline first, then ranks; runs.json is rewritten after every
+    # run so an interrupted experiment keeps what it finished
+    variants = ([("2:4", None)] if args.with_24 else []) + [(f"stl-r{r}", r) for r in args.ranks]
+    for kind, rank in variants:
+        for seed in args.seeds:
+            torch.manual_seed(seed)
+            cseed = seed if args.calib_per_seed else args.seeds[0]
+            calib = equal_length_batches(tok, train_sents[-args.calib_sentences - 1000 * cseed:][:args.calib_sentences],
+                                         args.max_length)
             t0 = time.perf_counter()
             masks = None
             if rank is not None and rank in calibrated and not args.calib_per_seed:
@@ -236,7 +239,7 @@ def run(args) -> int:
                 student = copy.deepcopy(student0)
                 t0 -= t_cal
             elif rank is not None:
-                student = convert_stl(teacher, rank, init, seed)
+                student = convert_stl(teacher, rank, init, cseed)
                 before_calib = quality(student, teacher_emb, tok, eval_sents, args.max_length)
                 rep = calibrate_(student, calib, reference=teacher, alternate=args.calib_alternate)
                 calib_err = [v for v in (getattr(c, "rel_err_after", None) for c in rep.layers) if v is not None]
@@ -254,7 +257,7 @@ def run(args) -> int:
             if rank is None:  # 2:4: half the multiply-accumulates of every pruned linear
                 c = {**c, "linear_macs": c["linear_macs"] / 2, "linear_macs_core": c["linear_macs_core"] / 2}
             rec = {"seed": seed, "model": kind, "rank": rank, "init": init if rank else None,
-                   "init_seed": (seed if args.calib_per_seed else args.seeds[0]) if rank else None,
+                   "init_seed": cseed if rank else None,
                    "flop_reduction": dense_cost["linear_macs"] / c["linear_macs"], **c,
                    "before_calibration": before_calib, "before_distill": before, **after,
                    "calib_rel_error_mean": (sum(calib_err) / len(calib_err)) if calib_err else None,
@@ -262,7 +265,22 @@ def run(args) -> int:
             records.append(rec)
             print(f"  seed {seed} {kind}: FLOP reduction {rec['flop_reduction']:.2f}x, cosine "
                   f"{before['cosine_mean']:.4f} -> {after['cosine_mean']:.4f}, Spearman "
-                  f"{before['pair_spearman']:.4f} -> {after['pair_spearman']:.4f}")
+                  f"{before['pair_spearman']:.4f} -> {after['pair_spearman']:.4f}", flush=True)
+            _write(args, records, init, eval_sents)
+    path = _write(args, records, init, eval_sents)
+    plot(_merged(args, records), Path(args.out))
+    print(table(_merged(args, records)))
+    print(f"wrote {path}")
+    return 0
+
+
+def _merged(args, records):
+    from .exp_common import read_runs
+
+    return read_runs(args.out)["runs"]
+
+
+def _write(args, records, init, eval_sents):
     meta = {"config": config_of(args), "init": init,
             "scale": f"all-MiniLM-L6-v2 (all 36 block linears converted); calibration on {args.calib_sentences} "
                      f"training-work sentences ({'per seed' if args.calib_per_seed else 'once per rank, init seed ' + str(args.seeds[0])}); "
@@ -271,11 +289,7 @@ def run(args) -> int:
                      f"of held-out works ({len(eval_sents) * (len(eval_sents) - 1) // 2} pairs); {args.threads} thread(s)"}
     if args.append:
         records, meta = merge_runs(args.out, records, meta)
-    path = write_runs(args.out, records, meta)
-    plot(records, Path(args.out))
-    print(table(records))
-    print(f"wrote {path}")
-    return 0
+    return write_runs(args.out, records, meta)
 
 
 def table(records: list[dict]) -> str:
