@@ -30,10 +30,10 @@ def _tmp_cache(tmp_path, monkeypatch):
 
 
 def test_families_registered():
-    assert {"als", "truncate", "polynomial", "random"} <= set(approximation_families())
+    assert {"als", "truncate", "polynomial", "polynomial_ls", "random"} <= set(approximation_families())
 
 
-@pytest.mark.parametrize("family", ["truncate", "polynomial", "random"])
+@pytest.mark.parametrize("family", ["truncate", "polynomial", "polynomial_ls", "random"])
 @pytest.mark.parametrize("tile,row_tile,rank", [(4, None, 24), (4, 1, 8), (4, 2, 20), (3, None, 10)])
 def test_shapes_and_reported_residual(family, tile, row_tile, rank):
     alg = approximate(family, tile=tile, rank=rank, seed=1, row_tile=row_tile)

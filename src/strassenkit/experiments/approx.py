@@ -1,6 +1,6 @@
 """``strassenkit approx``: how well can r products approximate the 4x4 tile product, per init family?
 
-For tile t (default 4), every rank r and family (als, truncate, polynomial, random) and several seeds:
+For tile t (default 4), every rank r and family (als, truncate, polynomial, polynomial_ls, random) and several seeds:
 
 1. ``tensor_rel_sq``: the data-independent error, the relative squared residual ||T - T_r||^2 / ||T||^2
    of the algorithm against the <t,t,t> matmul tensor; ``gauss_mc_rel_sq`` is the same quantity measured
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 RANKS = (8, 12, 16, 20, 24, 28, 32, 40, 48, 49, 64)
-FAMILIES = ("als", "truncate", "polynomial", "random")
-THEORY = ("als", "truncate", "polynomial")
+FAMILIES = ("als", "truncate", "polynomial", "polynomial_ls", "random")
+THEORY = ("als", "truncate", "polynomial", "polynomial_ls")
 
 
 def add_arguments(parser) -> None:
