@@ -56,13 +56,18 @@ def test_param_groups_lrs_and_decay():
     assert len(groups["enc_x"]["params"]) == n_enc == 2
     with pytest.raises(ValueError, match="match no trainable parameter"):
         param_groups(m, TrainConfig(lr_groups={"a_hat": 2.0}))
-    # the multipliers are really applied during training
-    opt_lrs = []
-    cfg = _cfg(steps=3, warmup_steps=0, lr_groups={"enc_x": 0.1})
+
+def test_lr_multipliers_are_applied_by_the_loop(tmp_path):
+    m = _mlp(stl=True)
+    cfg = _cfg(steps=4, warmup_steps=0, lr=1e-2, lr_groups={"enc_x": 0.1}, ckpt_every=2)
     (x, y), _ = synthetic_data(256, 8)
-    out = train(m, (x, y), cfg)
-    assert out["step"] == 3
-    del opt_lrs
+    enc0 = m.fc1.enc_x.detach().clone()
+    train(m, (x, y), cfg, out_dir=str(tmp_path))
+    state = json.load(open(tmp_path / "checkpoints" / "step_00000002" / "state.json"))
+    lrs = {g["name"]: g["lr"] for g in state["optimizer"]["param_groups"]}
+    f = lr_factor(1, cfg)  # the lr set for the last step taken before the checkpoint
+    assert lrs["enc_x"] == pytest.approx(1e-3 * f) and lrs["default"] == pytest.approx(1e-2 * f)
+    assert not torch.equal(m.fc1.enc_x, enc0)  # the encoder group trains
 
 
 def test_batches_are_a_pure_function_of_step():
