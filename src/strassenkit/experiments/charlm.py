@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--full-frac", type=float, default=0.34)
+    p.add_argument("--dense-lrs", type=float, nargs="*", default=[],
+                   help="extra full-precision models trained at these learning rates (tuning check for the reference)")
+    p.add_argument("--only", nargs="+", default=None, help="train only these model kinds (e.g. dense@lr=0.01)")
     p.add_argument("--val-chars", type=int, default=60000, help="held-out characters evaluated")
     p.add_argument("--text-root", default=None)
     p.add_argument("--val-works", nargs="+", default=None,
@@ -48,7 +51,7 @@ def build(kind: str, vocab: int, args, seed: int):
     from ..nn.spn import SPNLinear
 
     torch.manual_seed(seed)
-    if kind == "dense":
+    if kind == "dense" or kind.startswith("dense@"):
         return CharLSTM(vocab, args.embed, args.hidden)
     ratio = float(kind.split("@")[1])
     rank = max(1, round(ratio * args.hidden))
@@ -82,13 +85,14 @@ def bits_per_char(model, data: torch.Tensor, seq_len: int = 256, batch: int = 16
     return total / count / math.log(2)
 
 
-def train(model, corpus, args, seed: int, desc: str, spn: bool) -> float:
+def train(model, corpus, args, seed: int, desc: str, spn: bool, lr: float | None = None) -> float:
     from tqdm.auto import tqdm
 
     from ..nn.phase import set_phase
 
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
+    lr = args.lr if lr is None else lr
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=args.steps, pct_start=0.1)
     if spn:
         set_phase(model, "full")
     model.train()
@@ -125,20 +129,24 @@ def run(args) -> int:
 
     corpus = load_char_corpus(args.text_root, val_works=args.val_works or DEFAULT_VAL_WORKS, val_chars=args.val_chars)
     V = len(corpus.vocab)
-    kinds = ["dense"] + [f"spn@{r:g}" for r in args.ratios]
+    kinds = ["dense"] + [f"dense@lr={lr:g}" for lr in args.dense_lrs] + [f"spn@{r:g}" for r in args.ratios]
+    if args.only:
+        kinds = [k for k in kinds if k in args.only]
     print(f"Shakespeare: {len(corpus.train):,} training chars ({len(corpus.train_works)} works), {len(corpus.val):,} "
           f"held-out chars of {corpus.val_works}; vocab {V}; LSTM H={args.hidden}; {kinds}; seeds {args.seeds}")
     records = []
     for seed in args.seeds:
         for kind in kinds:
             model = build(kind, V, args, seed)
-            secs = train(model, corpus, args, seed, f"{kind} s{seed}", spn=kind != "dense")
+            lr = float(kind.split("=")[1]) if kind.startswith("dense@lr=") else args.lr
+            secs = train(model, corpus, args, seed, f"{kind} s{seed}", spn=kind.startswith("spn"), lr=lr)
             bpc = bits_per_char(model, corpus.val)
             costs = arithmetic_costs(model, corpus.val[None, :64])  # embedding, gates_in and head hooks
             # the recurrent layer is applied through precomputed matrices (no module hook): count 64 steps of it
             rec = arithmetic_costs(model.gates_rec, torch.zeros(64, args.hidden))
             costs = {k: costs[k] + rec[k] for k in ("mults", "adds")} | {"counter": costs["counter"]}
-            rec = {"seed": seed, "model": kind, "ratio": None if kind == "dense" else float(kind.split("@")[1]),
+            rec = {"seed": seed, "model": kind, "lr": lr,
+                   "ratio": float(kind.split("@")[1]) if kind.startswith("spn") else None,
                    "val_bits_per_char": bpc, "params": n_params(model), "model_bits": model_bits(model),
                    "mults_per_char": costs["mults"] / 64, "adds_per_char": costs["adds"] / 64,
                    "cost_counter": costs["counter"], "train_seconds": secs}
@@ -181,8 +189,9 @@ def plot(records: list[dict], out: Path) -> Path:
     pts = []
     for kind, rs in group_runs(records).items():
         m, s = mean_std([r["val_bits_per_char"] for r in rs])
-        if kind == "dense":
-            ax.axhline(m, color="k", ls="--", label=f"full precision ({m:.3f} ± {s:.3f})")
+        if kind.startswith("dense"):
+            ax.axhline(m, color="k" if kind == "dense" else "gray", ls="--" if kind == "dense" else ":",
+                       label=f"full precision {kind[6:] or 'lr=' + format(rs[0].get('lr', 0), 'g')} ({m:.3f} ± {s:.3f})")
             continue
         pts.append((rs[0]["mults_per_char"], m, s, kind))
     pts.sort()

@@ -47,6 +47,14 @@ def check_vit(runs) -> list[str]:
     d = mean_std([r["test_accuracy"] for r in g["dense"]])
     dm = g["dense"][0]["linear_macs_per_image"]
     out = [f"- dense: test accuracy {d[0]:.4f} ± {d[1]:.4f}."]
+    for k, rs in g.items():
+        if k.startswith("dense@"):
+            m = mean_std([r["test_accuracy"] for r in rs])
+            out.append(f"- dense tuning check {k}: {m[0]:.4f} ± {m[1]:.4f}.")
+            if m[0] > d[0]:
+                d = m
+    if any(k.startswith("dense@") for k in g):
+        out.append(f"- comparisons below use the best dense learning rate ({d[0]:.4f}).")
     stl = {k: v for k, v in g.items() if k.startswith("stl-")}
     for k, rs in stl.items():
         m = mean_std([r["test_accuracy"] for r in rs])
@@ -96,7 +104,15 @@ def check_charlm(runs) -> list[str]:
     d = mean_std([r["val_bits_per_char"] for r in g["dense"]])
     out = [f"- full precision: {d[0]:.3f} ± {d[1]:.3f} bits/char on held-out works."]
     for k, rs in g.items():
-        if k == "dense":
+        if k.startswith("dense@"):
+            m = mean_std([r["val_bits_per_char"] for r in rs])
+            out.append(f"- full-precision tuning check {k}: {m[0]:.3f} ± {m[1]:.3f} bits/char.")
+            if m[0] < d[0]:
+                d = m
+    if any(k.startswith("dense@") for k in g):
+        out.append(f"- comparisons below use the best full-precision learning rate ({d[0]:.3f} bits/char).")
+    for k, rs in g.items():
+        if k.startswith("dense"):
             continue
         m = mean_std([r["val_bits_per_char"] for r in rs])
         out.append(f"- {k}: {m[0]:.3f} ± {m[1]:.3f} ({m[0] - d[0]:+.3f} bits/char) with "
