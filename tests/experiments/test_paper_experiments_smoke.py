@@ -103,3 +103,12 @@ def test_calibration_batches_have_no_padding():
     assert sum(len(ids) for ids, _ in batches) == len(sents)
     for ids, mask in batches:
         assert bool(mask.all()) and ids.shape[1] <= 12
+
+
+def test_report_reconstructs_commands_and_marks_missing_runs(tmp_path):
+    from strassenkit.experiments.report import build_report, command_from_config
+
+    cfg = {"quick": True, "seeds": [0, 1], "steps": 250, "ratios": [0.5], "out": "results/charlm", "append": False}
+    assert command_from_config("charlm", cfg) == "strassenkit experiment charlm --quick --seeds 0 1 --ratios 0.5"
+    text = build_report(tmp_path)
+    assert text.count("_Not run yet") == 4

@@ -33,11 +33,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="report path (default RESULTS/REPORT.md)")
 
 
-def _command(name: str, meta: dict) -> str:
-    cmd = meta.get("command")
-    if cmd:
-        return cmd
-    return f"strassenkit experiment {name}  # defaults; config: " + json.dumps(meta.get("config", {}), sort_keys=True)
+def command_from_config(name: str, config: dict) -> str:
+    """The ``strassenkit experiment NAME ...`` command line that reproduces ``config`` (non-default options only)."""
+    module = importlib.import_module(f"strassenkit.experiments.{name}")
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    parts = [f"strassenkit experiment {name}"]
+    for action in parser._actions:
+        key = action.dest
+        if key == "help" or key not in config or config[key] == action.default:
+            continue
+        flag = action.option_strings[0]
+        val = config[key]
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            parts.append(flag)
+        elif isinstance(val, list):
+            parts.append(flag + " " + " ".join(str(v) for v in val))
+        elif val is not None:
+            parts.append(f"{flag} {val}")
+    return " ".join(parts)
+
+
+def _commands(name: str, meta: dict) -> list[str]:
+    configs = [c for c in meta.get("previous_configs", []) if c] + [meta.get("config", {})]
+    return [command_from_config(name, c) for c in configs]
 
 
 def check_vit(runs) -> list[str]:
@@ -156,12 +175,11 @@ def build_report(results: Path) -> str:
         runs, meta = data["runs"], data["meta"]
         seeds = sorted({r["seed"] for r in runs})
         module = importlib.import_module(f"strassenkit.experiments.{name}")
-        lines += [f"**Command:** `{_command(name, meta)}`", "",
+        cmds = _commands(name, meta)
+        lines += ["**Command" + ("s (in this order; later ones add records with --append)" if len(cmds) > 1 else "") + ":**", "",
+                  "```bash", *cmds, "```", "",
                   f"**Scale:** {meta.get('scale', 'see config')}. Seeds: {seeds}. Written {meta.get('written_utc', '?')} "
                   f"(torch {meta.get('torch', '?')}, {meta.get('threads', '?')} thread(s)).", ""]
-        if meta.get("previous_configs"):
-            lines += [f"(Records were merged from {len(meta['previous_configs']) + 1} invocations with `--append`; "
-                      f"earlier configs: `{json.dumps(meta['previous_configs'])}`.)", ""]
         lines += [module.table(runs), ""]
         lines += ["**Measured against the claim:**", ""] + CHECKS[name](runs) + [""]
         for png in sorted((results / name).glob("*.png")):
