@@ -314,6 +314,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile", type=int, default=4)
     parser.add_argument("--rank", type=int, default=24)
     parser.add_argument("--out", default="results/bench", help="output folder")
+    parser.add_argument("--name", default="bench", help="file stem of the outputs (<name>.json, <name>.md, <name>_speedup.png)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -333,16 +334,19 @@ def run(args: argparse.Namespace) -> int:
     rows, info = run_bench(pool, modes, args.tile, args.rank, args.repeats, threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    name = getattr(args, "name", "bench") or "bench"
     suffix = "_quick" if args.quick else ""
     cmd = "strassenkit bench" + (" --quick" if args.quick else "")
+    if name != "bench":
+        cmd += f" --name {name}"
     if args.sets:
         cmd += f" --sets {args.sets}"
     if args.threads:
         cmd += f" --threads {args.threads}"
     payload = {"command": cmd, "tile": args.tile, "rank": args.rank, "machine": info, "rows": [asdict(r) for r in rows]}
-    (out / f"bench{suffix}.json").write_text(json.dumps(payload, indent=1))
+    (out / f"{name}{suffix}.json").write_text(json.dumps(payload, indent=1))
     md = _markdown(rows, info, cmd)
-    (out / f"bench{suffix}.md").write_text(md)
-    _plot(rows, out / f"speedup{suffix}.png")
+    (out / f"{name}{suffix}.md").write_text(md)
+    _plot(rows, out / (f"speedup{suffix}.png" if name == "bench" else f"{name}{suffix}_speedup.png"))
     print(md)
     return 0

@@ -71,7 +71,7 @@ def compute_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
 # Both are done in row blocks of the bmm layout sized to stay in cache (_CHUNK_COLS columns): the
 # tile copy of a block is consumed by the GEMM while hot, and decode scatters each block into the
 # final (B, M, N) layout while hot. Measured on a 2-core AVX2 EPYC: ~25-40 % less time for these
-# passes than one whole-tensor permute-copy + one GEMM.
+# passes than one whole-tensor permute-copy + one GEMM, with one thread (see _blocks for more).
 _CHUNK_COLS = 8192
 
 
@@ -83,6 +83,12 @@ def _padded(x: Tensor, rows: int, cols: int) -> Tensor:
 
 
 def _blocks(rows: int, cols_per_row: int):
+    # Blocks only with one intra-op thread: with several, every small op is a parallel region whose
+    # barrier costs far more than the cache gain (measured: 10-30x slower on a loaded 2-core VM),
+    # so multi-threaded runs take the whole tensor as one block (few large ops).
+    if torch.get_num_threads() > 1:
+        yield 0, rows
+        return
     step = max(1, _CHUNK_COLS // max(1, cols_per_row))
     for s in range(0, rows, step):
         yield s, min(rows, s + step)
