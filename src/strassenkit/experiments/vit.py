@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=24)
     p.add_argument("--dense-lrs", type=float, nargs="*", default=[],
                    help="extra dense baselines trained at these learning rates (tuning check for the dense model)")
+    p.add_argument("--dense-dims", type=int, nargs="*", default=[],
+                   help="extra wider/narrower dense baselines (e.g. parameter-matched to STL)")
     p.add_argument("--only", nargs="+", default=None,
                    help="train only these model kinds (dense is always trained too, as the timing reference)")
     p.add_argument("--inits", nargs="+", default=None,
@@ -91,7 +93,8 @@ def build(kind: str, args, seed: int, tokens: int):
             return LowRankLinear(i, o, matched_rank(i, o, macs / tokens))
     else:
         raise ValueError(f"unknown model kind {kind!r}")
-    return ViT(image_size=28, patch_size=args.patch, dim=args.dim, depth=args.depth, heads=args.heads,
+    dim = int(kind.split("=")[1]) if kind.startswith("dense@dim=") else args.dim
+    return ViT(image_size=28, patch_size=args.patch, dim=dim, depth=args.depth, heads=args.heads,
                mlp_ratio=2.0, make_linear=make)
 
 
@@ -117,7 +120,7 @@ def run(args) -> int:
     tokens = (28 // args.patch) ** 2
     x_tr, y_tr, x_te, y_te = load_fashion_mnist(args.data_root, args.train_limit, args.test_limit)
     inits = args.inits or available_inits()
-    kinds = ["dense"] + [f"dense@lr={lr:g}" for lr in args.dense_lrs] + [f"stl-{i}" for i in inits] + ["lowrank"]
+    kinds = ["dense"] + [f"dense@lr={lr:g}" for lr in args.dense_lrs] + [f"dense@dim={d}" for d in args.dense_dims] + [f"stl-{i}" for i in inits] + ["lowrank"]
     if args.only:
         kinds = ["dense"] + [k for k in kinds if k in args.only and k != "dense"]
     print(f"Fashion-MNIST {len(x_tr)} train / {len(x_te)} test, ViT d={args.dim} depth={args.depth} "
