@@ -193,7 +193,8 @@ def plot(records: list[dict], out: Path) -> Path:
         m, s = mean_std([r["val_bits_per_char"] for r in rs])
         if kind.startswith("dense"):
             ax.axhline(m, color="k" if kind == "dense" else "gray", ls="--" if kind == "dense" else ":",
-                       label=f"full precision {kind[6:] or 'lr=' + format(rs[0].get('lr', 0), 'g')} ({m:.3f} ± {s:.3f})")
+                       label=f"full precision {kind[6:] or ('lr=' + format(rs[0]['lr'], 'g') if rs[0].get('lr') else '--lr')} "
+                             f"({m:.3f} ± {s:.3f})")
             continue
         pts.append((rs[0]["mults_per_char"], m, s, kind))
     pts.sort()
