@@ -170,3 +170,16 @@ def test_double_backward_raises_clear_error():
     y = stl_apply(x, w, e, d, 4, 4)
     with pytest.raises(NotImplementedError, match="stl_apply_reference"):
         torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
+def test_plain_path_used_under_flop_counter_matches_reference():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    args = _operands((2,), 9, 10, 11, (4, 4, 4), 6, grad=True)
+    with FlopCounterMode(display=False) as fc:
+        assert ops.flop_counting_active()
+        y = stl_apply(*args, 4, 11)
+    assert not ops.flop_counting_active()
+    assert fc.get_total_flops() > 0
+    ref = stl_apply_reference(*args, 4, 11)
+    assert torch.allclose(y, ref, rtol=1e-12, atol=1e-12)

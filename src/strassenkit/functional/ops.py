@@ -155,6 +155,34 @@ def _forward_impl(x, w_hat, enc_x, dec, n, m, p, out_features):
     return y.to(x.dtype), x_hat, prod
 
 
+def stl_forward_plain(x, w_hat, enc_x, dec, n: int, m: int, p: int, out_features: int) -> Tensor:
+    """Same layout with plain differentiable ops (one permute-copy, mm, bmm, mm, permute-copy).
+
+    Used instead of the custom op while ``torch.utils.flop_counter.FlopCounterMode`` is active: the
+    counter cannot see inside a custom op, and with plain ops it attributes the core to ``bmm`` and
+    encode/decode to ``mm``. Returns y (B, M, out_features) in x's dtype.
+    """
+    B, M, K = x.shape
+    r, Kt, Nt = w_hat.shape
+    Mt = _ceil(M, n)
+    cdt = compute_dtype(x.dtype, x.device.type)
+    xt = _padded(x.to(cdt), Mt * n, Kt * m).reshape(B, Mt, n, Kt, m).permute(2, 4, 0, 1, 3).reshape(n * m, -1)
+    x_hat = (enc_x.to(cdt) @ xt).view(r, B * Mt, Kt)
+    prod = torch.bmm(x_hat, w_hat.to(cdt))
+    yt = dec.to(cdt) @ prod.view(r, B * Mt * Nt)
+    y = yt.view(n, p, B, Mt, Nt).permute(2, 3, 0, 4, 1).reshape(B, Mt * n, Nt * p)
+    return y[:, :M, :out_features].to(x.dtype)
+
+
+def flop_counting_active() -> bool:
+    """True inside ``FlopCounterMode`` (outside torch.compile tracing)."""
+    if torch.compiler.is_compiling():
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return any(type(mode).__name__ == "_FlopCounterMode" for mode in _get_current_dispatch_mode_stack())
+
+
 @torch.library.custom_op("strassenkit::stl_forward", mutates_args=())
 def stl_forward(
     x: Tensor, w_hat: Tensor, enc_x: Tensor, dec: Tensor, n: int, m: int, p: int, out_features: int
