@@ -170,7 +170,7 @@ def run(args) -> int:
 def table(records: list[dict]) -> str:
     groups = group_runs(records)
     order = list(groups)
-    groups = dict(sorted(groups.items(), key=lambda kv: (not kv[0].startswith("dense"), order.index(kv[0]))))
+    groups = dict(sorted(groups.items(), key=lambda kv: (kv[0] != "dense", not kv[0].startswith("dense"), order.index(kv[0]))))
     dm = groups["dense"][0]["mults_per_char"] if "dense" in groups else float("nan")
     lines = ["| model | seeds | val bits/char | mults/char | mult reduction | adds/char | model size (KiB) |",
              "|---|---|---|---|---|---|---|"]

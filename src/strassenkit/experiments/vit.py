@@ -161,7 +161,7 @@ def run(args) -> int:
 def table(records: list[dict]) -> str:
     groups = group_runs(records)
     order = list(groups)
-    groups = dict(sorted(groups.items(), key=lambda kv: (not kv[0].startswith("dense"), order.index(kv[0]))))
+    groups = dict(sorted(groups.items(), key=lambda kv: (kv[0] != "dense", not kv[0].startswith("dense"), order.index(kv[0]))))
     dense_macs = mean_std([r["linear_macs_per_image"] for r in groups.get("dense", records)])[0]
     lines = ["| model | seeds | test accuracy | params | linear MACs/image (core + enc/dec) | MAC reduction vs dense "
              "| train time / dense | inference time / dense |",
