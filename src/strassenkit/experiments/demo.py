@@ -27,6 +27,7 @@ from .. import cost
 from ..data.digits import load_digits_split
 from ..models.vit import ViT, dense_linear
 from ..nn.stlinear import STLinear
+from .exp_common import accuracy, forward_times
 
 
 def add_arguments(parser) -> None:
@@ -76,28 +77,6 @@ def train(model, x, y, args, seed: int, desc: str) -> None:
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-
-
-@torch.no_grad()
-def accuracy(model, x, y) -> float:
-    model.eval()
-    return (model(x).argmax(-1) == y).float().mean().item()
-
-
-@torch.no_grad()
-def forward_times(models: dict, x, repeats: int = 15, warmup: int = 3) -> dict:
-    """Median forward time per model, interleaving models so both see the same machine load."""
-    for m in models.values():
-        m.eval()
-        for _ in range(warmup):
-            m(x)
-    samples = {k: [] for k in models}
-    for _ in range(repeats):
-        for k, m in models.items():
-            t0 = time.perf_counter()
-            m(x)
-            samples[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def linear_cost(model, x) -> dict:
