@@ -66,7 +66,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -456,7 +455,7 @@ def polynomial_algorithm(n: int, m: int, p: int, rank: int, seed: int = 0, decod
             f"polynomial supports rank <= {rmax} for <{n},{m},{p}> (all {N}-point DFT frequencies), got rank={rank}"
         )
     a_exp, b_exp, g_exp = alpha.reshape(-1), beta.reshape(-1), gamma.reshape(-1)
-    us, vs, obs_rows, meas = [], [], [], []  # obs_rows: (n_obs, r) map products -> measurements
+    us, vs = [], []
     col = 0
     plan = _frequency_plan(N, rank)
     obs = []  # (coefficient vector over products, 'cos'|'sin', f)

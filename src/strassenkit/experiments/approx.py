@@ -176,7 +176,7 @@ def run_study(
         den = (C**2).sum(1)
         mc = float(num.sum() / den.sum())
         # delta-method standard error of a ratio of means
-        mn, md = num.mean(), den.mean()
+        md = den.mean()
         se = float(torch.sqrt(((num - mc * den) ** 2).mean() / mc_samples) / md)
 
         gtr = torch.Generator().manual_seed(20_000 + seed)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .exp_common import arithmetic_costs, config_of, fmt_ms, group_runs, mean_std, merge_runs, model_bits, n_params, write_runs
+from .exp_common import arithmetic_costs, config_of, finish, fmt_ms, group_runs, mean_std, model_bits, n_params
 
 NAME = "charlm"
 
@@ -158,19 +158,11 @@ def run(args) -> int:
                      f"{len(corpus.train):,}); validation: first {len(corpus.val):,} characters of the held-out works "
                      f"{corpus.val_works}; AdamW lr {args.lr} one-cycle; full precision for the first {args.full_frac:.0%} "
                      f"of steps then ternary; {args.threads} thread(s)"}
-    if args.append:
-        records, meta = merge_runs(args.out, records, meta)
-    path = write_runs(args.out, records, meta)
-    plot(records, Path(args.out))
-    print(table(records))
-    print(f"wrote {path}")
-    return 0
+    return finish(args, records, meta, plot, table)
 
 
 def table(records: list[dict]) -> str:
-    groups = group_runs(records)
-    order = list(groups)
-    groups = dict(sorted(groups.items(), key=lambda kv: (kv[0] != "dense", not kv[0].startswith("dense"), order.index(kv[0]))))
+    groups = group_runs(records, dense_first=True)
     dm = groups["dense"][0]["mults_per_char"] if "dense" in groups else float("nan")
     lines = ["| model | seeds | val bits/char | mults/char | mult reduction | adds/char | model size (KiB) |",
              "|---|---|---|---|---|---|---|"]

@@ -32,11 +32,26 @@ def fmt_ms(vals, digits: int = 4) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def group_runs(records: list[dict], key: str = "model") -> dict[str, list[dict]]:
+def group_runs(records: list[dict], key: str = "model", dense_first: bool = False) -> dict[str, list[dict]]:
+    """Records grouped by ``key`` in first-seen order; ``dense_first`` puts "dense", then other "dense*" rows first."""
     out: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         out[r[key]].append(r)
+    if dense_first:
+        order = list(out)
+        return dict(sorted(out.items(), key=lambda kv: (kv[0] != "dense", not kv[0].startswith("dense"), order.index(kv[0]))))
     return dict(out)
+
+
+def finish(args, records: list[dict], meta: dict, plot: Callable, table: Callable, key=("seed", "model")) -> int:
+    """Merge with earlier runs (``--append``), write runs.json, draw the plots, print the table."""
+    if args.append:
+        records, meta = merge_runs(args.out, records, meta, key=key)
+    path = write_runs(args.out, records, meta)
+    plot(records, Path(args.out))
+    print(table(records))
+    print(f"wrote {path}")
+    return 0
 
 
 def train_classifier(model, x, y, *, epochs: int, batch_size: int, lr: float, seed: int, desc: str,

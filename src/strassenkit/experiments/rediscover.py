@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import time
 from collections import Counter

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .exp_common import (accuracy, arithmetic_costs, config_of, fmt_ms, group_runs, mean_std, merge_runs,
-                         model_bits, n_params, train_classifier, write_runs)
+from .exp_common import (accuracy, arithmetic_costs, config_of, finish, fmt_ms, mean_std,
+                         model_bits, n_params, train_classifier)
 
 NAME = "spn_cnn"
 
@@ -113,13 +113,7 @@ def run(args) -> int:
                      f"{args.batch_size}, AdamW lr {args.lr} one-cycle, full-precision phase for the first "
                      f"{args.full_frac:.0%} of steps then ternary; KD lambda {args.kd_lambda}, T {args.kd_temperature}; "
                      f"{args.threads} thread(s)"}
-    if args.append:
-        records, meta = merge_runs(args.out, records, meta, key=("seed", "model", "kd"))
-    path = write_runs(args.out, records, meta)
-    plot(records, Path(args.out))
-    print(table(records))
-    print(f"wrote {path}")
-    return 0
+    return finish(args, records, meta, plot, table, key=("seed", "model", "kd"))
 
 
 def _record(model, kind, budget, use_kd, seed, secs, x_te, y_te) -> dict:

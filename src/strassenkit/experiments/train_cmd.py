@@ -28,7 +28,6 @@ so the resumed run continues exactly the run that was killed.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 

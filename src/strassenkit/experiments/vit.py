@@ -16,14 +16,13 @@ interleaved repeats after warm-up).
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 
 from .. import cost
-from .exp_common import (accuracy, merge_runs, config_of, fmt_ms, forward_times, group_runs, mean_std, n_params,
-                         train_classifier, write_runs)
+from .exp_common import (accuracy, config_of, finish, fmt_ms, forward_times, group_runs, mean_std, n_params,
+                         train_classifier)
 
 NAME = "vit"
 
@@ -149,19 +148,11 @@ def run(args) -> int:
                      f"depth {args.depth}, {args.heads} heads, patch {args.patch} ({tokens} tokens), mlp ratio 2; "
                      f"{args.epochs} epochs, batch {args.batch_size}, AdamW lr {args.lr} one-cycle, "
                      f"{args.threads} thread(s)"}
-    if args.append:
-        records, meta = merge_runs(args.out, records, meta)
-    path = write_runs(args.out, records, meta)
-    plot(records, Path(args.out))
-    print(table(records))
-    print(f"wrote {path}")
-    return 0
+    return finish(args, records, meta, plot, table)
 
 
 def table(records: list[dict]) -> str:
-    groups = group_runs(records)
-    order = list(groups)
-    groups = dict(sorted(groups.items(), key=lambda kv: (kv[0] != "dense", not kv[0].startswith("dense"), order.index(kv[0]))))
+    groups = group_runs(records, dense_first=True)
     dense_macs = mean_std([r["linear_macs_per_image"] for r in groups.get("dense", records)])[0]
     lines = ["| model | seeds | test accuracy | params | linear MACs/image (core + enc/dec) | MAC reduction vs dense "
              "| train time / dense | inference time / dense |",
