@@ -177,8 +177,6 @@ CAVEATS = {
         "Width 8/16 channels, a 6000-image subset and 3 epochs: the full-precision model is small and undertrained, "
         "so 'accuracy loss' is measured against a weak reference.",
         "KD used lambda 0.5 and temperature 2 without tuning; it did not help in this regime.",
-        "Runs recorded with the experiment's fallback counter count the r products per output patch and the "
-        "ternary additions, but not the per-output scale multiplications that strassenkit.cost's SPN counter adds.",
     ],
     "charlm": [
         "Very short training (see scale): the models are far from converged, so the comparison measures early "
