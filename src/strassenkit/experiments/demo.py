@@ -14,20 +14,16 @@ Threads: training a model this small is dominated by per-op overhead, and PyTorc
 from __future__ import annotations
 
 import json
-import math
 import statistics
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .. import cost
 from ..data.digits import load_digits_split
 from ..models.vit import ViT, dense_linear
 from ..nn.stlinear import STLinear
-from .exp_common import accuracy, forward_times
+from .exp_common import accuracy, forward_times, train_classifier
 
 
 def add_arguments(parser) -> None:
@@ -54,31 +50,6 @@ def build_model(kind: str, args, seed: int) -> ViT:
     return ViT(image_size=8, patch_size=2, dim=args.dim, depth=args.depth, heads=4, mlp_ratio=2.0, make_linear=make)
 
 
-def train(model, x, y, args, seed: int, desc: str) -> None:
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-    steps_per_epoch = math.ceil(len(x) / args.batch_size)
-    total = args.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total, pct_start=0.1)
-    model.train()
-    bar = tqdm(total=total, desc=desc, leave=False, unit="step")
-    for _ in range(args.epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), args.batch_size):
-            idx = perm[i : i + args.batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: non-finite loss {loss.item()}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-
-
 def linear_cost(model, x) -> dict:
     rep = cost.count(model, x)
     rows = [r for r in rep.layers if r.kind in ("linear", "stl")]
@@ -100,9 +71,8 @@ def run(args) -> int:
         models = {}
         for kind in ("dense", "stl"):
             model = build_model(kind, args, seed)
-            t0 = time.perf_counter()
-            train(model, x_tr, y_tr, args, seed, desc=f"{kind} seed {seed}")
-            train_s = time.perf_counter() - t0
+            train_s = train_classifier(model, x_tr, y_tr, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                       seed=seed, desc=f"{kind} seed {seed}", pct_start=0.1)
             models[kind] = model
             records.append({
                 "seed": seed, "model": kind, "test_accuracy": accuracy(model, x_te, y_te),

@@ -57,7 +57,7 @@ def finish(args, records: list[dict], meta: dict, plot: Callable, table: Callabl
 def train_classifier(model, x, y, *, epochs: int, batch_size: int, lr: float, seed: int, desc: str,
                      weight_decay: float = 0.05, teacher=None, kd_loss: Callable | None = None,
                      augment: Callable | None = None, clip: float = 1.0,
-                     on_step: Callable[[int, int], None] | None = None) -> float:
+                     on_step: Callable[[int, int], None] | None = None, pct_start: float = 0.15) -> float:
     """AdamW + one-cycle schedule; returns the wall-clock training seconds.
 
     ``teacher``/``kd_loss``: if given, the loss is ``kd_loss(student_logits, teacher_logits, labels)``.
@@ -67,7 +67,7 @@ def train_classifier(model, x, y, *, epochs: int, batch_size: int, lr: float, se
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(x) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=pct_start)
     model.train()
     if teacher is not None:
         teacher.eval()
