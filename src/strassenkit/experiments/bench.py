@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..functional.ops import compute_dtype, native_low_precision
+from ..functional.ops import _bmm, active_backend, backend, compute_dtype, native_low_precision
 from ..functional.stl import stl_apply
 
 __all__ = ["SHAPE_SETS", "QUICK_SETS", "BenchRow", "bench_row", "run_bench", "add_arguments", "run"]
@@ -138,7 +138,7 @@ def bench_row(
                     stl_apply(x, w_hat, enc_x, dec, tile, N)
 
             def core():
-                torch.bmm(x_hat, w_core)
+                _bmm(x_hat, w_core)
 
             def dense_up():
                 with torch.no_grad():
@@ -158,9 +158,9 @@ def bench_row(
                 stl_apply(*ps, tile, N).backward(gy)
 
             def core():
-                torch.bmm(x_hat, w_core)
-                torch.bmm(g_prod, w_core.transpose(1, 2))
-                torch.bmm(x_hat.transpose(1, 2), g_prod)
+                _bmm(x_hat, w_core)
+                _bmm(g_prod, w_core.transpose(1, 2))
+                _bmm(x_hat.transpose(1, 2), g_prod)
 
             def dense_up():  # the casts are part of the graph, as they would be in a bf16 model
                 xd.grad = wd.grad = None

@@ -35,12 +35,15 @@ the output is rounded to x's dtype either way. See :func:`compute_dtype`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 from torch import Tensor
 
-__all__ = ["stl_forward", "compute_dtype", "native_low_precision"]
+from . import native
+
+__all__ = ["stl_forward", "compute_dtype", "native_low_precision", "backend", "active_backend"]
 
 
 def _ceil(a: int, b: int) -> int:
@@ -63,6 +66,47 @@ def compute_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
     if dtype in (torch.bfloat16, torch.float16) and not native_low_precision(device_type):
         return torch.float32
     return dtype
+
+
+# --------------------------------------------------------------------------- backends
+# "native": the C++ kernels of csrc/stl_kernels.cpp (float32/float64 on CPU; compiled once per
+# machine, see .native). "torch": the pure-PyTorch helpers below. "auto" (default) takes native
+# where it applies and torch elsewhere. Both compute the same values; tests compare them.
+_BACKENDS = ("auto", "native", "torch")
+_backend = "auto"
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Context manager selecting the fast path's kernels: "auto", "native" or "torch"."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+    if name == "native" and not native.available():
+        raise RuntimeError("backend('native'): the native kernels could not be built or were disabled (STRASSENKIT_NATIVE=0)")
+    old, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = old
+
+
+def active_backend(dtype: torch.dtype = torch.float32, device_type: str = "cpu") -> str:
+    """Which kernels the fast path uses for tensors of (compute) ``dtype`` on ``device_type``."""
+    if _backend == "torch" or device_type != "cpu" or dtype not in (torch.float32, torch.float64):
+        return "torch"
+    return "native" if native.available() else "torch"
+
+
+def _native_for(t: Tensor) -> bool:
+    return active_backend(t.dtype, t.device.type) == "native"
+
+
+def _bmm(a: Tensor, b: Tensor) -> Tensor:
+    """Batched matmul; natively the r GEMMs are split across threads, each GEMM single-threaded."""
+    if _native_for(a) and torch.get_num_threads() > 1:
+        return torch.ops.strassenkit_native.bmm(a, b)
+    return torch.bmm(a, b)
 
 
 # --------------------------------------------------------------------------- layout helpers
@@ -106,6 +150,10 @@ def _encode(x: Tensor, enc: Tensor, n: int, m: int, Mt: int, Kt: int, wgrad_of: 
     With ``wgrad_of`` = G (r, B*Mt, Kt) also returns sum over tiles of G x tiles^T (r, n*m), the
     gradient of the encoder, computed from the same cache-hot tile blocks.
     """
+    if _native_for(x):
+        G = wgrad_of.contiguous() if wgrad_of is not None else x.new_empty(0)
+        out, genc = torch.ops.strassenkit_native.encode(x, enc, n, m, Mt, Kt, True, G)
+        return out, (genc if wgrad_of is not None else None)
     B = x.shape[0]
     r = enc.shape[0]
     x5 = _padded(x, Mt * n, Kt * m).reshape(B * Mt, n, Kt, m)
@@ -122,6 +170,8 @@ def _encode(x: Tensor, enc: Tensor, n: int, m: int, Mt: int, Kt: int, wgrad_of: 
 
 def _tiles_wgrad(x: Tensor, g: Tensor, n: int, m: int, Mt: int, Kt: int) -> Tensor:
     """sum over tiles of g (r, B*Mt, Kt) x tiles(x)^T -> (r, n*m) without materializing all tiles."""
+    if _native_for(x):
+        return torch.ops.strassenkit_native.encode(x, g.new_empty((g.shape[0], n * m)), n, m, Mt, Kt, False, g.contiguous())[1]
     B = x.shape[0]
     r = g.shape[0]
     x5 = _padded(x, Mt * n, Kt * m).reshape(B * Mt, n, Kt, m)
@@ -133,6 +183,8 @@ def _tiles_wgrad(x: Tensor, g: Tensor, n: int, m: int, Mt: int, Kt: int) -> Tens
 
 def _decode(P: Tensor, dec: Tensor, n: int, p: int, B: int, Mt: int, M: int, N: int) -> Tensor:
     """P (r, B*Mt, Nt) -> (B, M, N): y[b, a*n+i, c*p+k] = sum_l dec[i*p+k, l] P[l, b*Mt+a, c]."""
+    if _native_for(P):
+        return torch.ops.strassenkit_native.decode(P, dec, n, p, B, Mt, M, N)
     r, BMt, Nt = P.shape
     y = P.new_empty((B * Mt, n, Nt, p))
     for s, e in _blocks(BMt, Nt):
@@ -150,7 +202,7 @@ def _forward_impl(x, w_hat, enc_x, dec, n, m, p, out_features):
     Mt = _ceil(M, n)
     cdt = compute_dtype(x.dtype, x.device.type)
     x_hat, _ = _encode(x.to(cdt), enc_x.to(cdt), n, m, Mt, Kt)
-    prod = torch.bmm(x_hat, w_hat.to(cdt))
+    prod = _bmm(x_hat, w_hat.to(cdt))
     y = _decode(prod, dec.to(cdt), n, p, B, Mt, M, out_features)
     return y.to(x.dtype), x_hat, prod
 
@@ -233,9 +285,9 @@ def _backward(ctx, grad_y, _grad_xhat, _grad_prod):
     if need_d:
         gd = gdT.t().to(dec.dtype)
     if need_w:
-        gw = torch.bmm(x_hat.transpose(1, 2), g_prod).to(w_hat.dtype)
+        gw = _bmm(x_hat.transpose(1, 2), g_prod).to(w_hat.dtype)
     if need_x or need_e:
-        g_xhat = torch.bmm(g_prod, w_hat.to(cdt).transpose(1, 2))
+        g_xhat = _bmm(g_prod, w_hat.to(cdt).transpose(1, 2))
         if need_x:
             gx = _decode(g_xhat, enc_x.to(cdt).t(), n, m, B, Mt, M, K).to(x.dtype)
         if need_e:

@@ -1,0 +1,396 @@
+// Native CPU kernels for the STL fast path (strassenkit/functional/ops.py), float32 and float64.
+//
+// Three ops, registered as torch.ops.strassenkit_native.*:
+//
+//   encode(x (B,M,K), enc (r, n*m), n, m, Mt, Kt, want_out, G (r,B*Mt,Kt) or empty)
+//       -> (out (r, B*Mt, Kt) or empty,  genc (r, n*m) or empty)
+//       out[l, b*Mt+a, c] = sum_ij enc[l, i*m+j] x[b, a*n+i, c*m+j]   (zero outside x)
+//       genc[l, i*m+j]    = sum_{b,a,c} G[l, b*Mt+a, c] x[b, a*n+i, c*m+j]   (encoder gradient)
+//   decode(P (r, B*Mt, Nt), dec (n*p, r), n, p, B, Mt, M, N) -> y (B, M, N)
+//       y[b, a*n+i, c*p+k] = sum_l dec[i*p+k, l] P[l, b*Mt+a, c]
+//   bmm(a (r,X,Y), b (r,Y,Z)) -> (r,X,Z): the r GEMMs split across threads, each single-threaded.
+//
+// Why: encode and decode are GEMMs with a tiny inner dimension (n*m or r) over millions of columns,
+// preceded/followed by a strided tile permutation. BLAS runs them far below peak and barely scales
+// across threads. Here every thread owns a slice of tile rows; for each chunk of kChunk tile columns
+// it gathers the tiles into an L1 buffer, runs a register-blocked micro-kernel, and writes straight
+// into the destination layout, so x and y are read/written exactly once. The r core GEMMs scale
+// better as r independent single-threaded GEMMs than as one multi-threaded bmm on few cores.
+//
+// Portable C++ with GCC/Clang vector extensions (32-byte vectors; AVX2+FMA when compiled with
+// -mavx2 -mfma, SSE pairs otherwise). The pure-PyTorch path in ops.py computes the same thing and
+// tests compare the two.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+namespace {
+
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(32)));
+  static constexpr int width = 32 / sizeof(T);
+};
+template <typename T>
+using vec_t = typename Vec<T>::type;
+
+template <typename T>
+inline vec_t<T> vload(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+inline void vstore(T* p, vec_t<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// Columns per chunk: 64 floats / 32 doubles -> 8 vectors; buffers stay in L1.
+template <typename T>
+constexpr int kChunk = 8 * Vec<T>::width;
+
+// out[i*ldo + c] = sum_j A[i*lda + j] * B[j*ldb + c]   for i < RB, c < cols (cols % (2*width) == 0)
+template <typename T, int RB>
+inline void micro_gemm(const T* A, int64_t lda, int J, const T* B, int64_t ldb, T* out, int64_t ldo, int cols) {
+  constexpr int W = Vec<T>::width;
+  for (int c = 0; c < cols; c += 2 * W) {
+    vec_t<T> acc0[RB], acc1[RB];
+    for (int i = 0; i < RB; ++i) {
+      acc0[i] = vec_t<T>{};
+      acc1[i] = vec_t<T>{};
+    }
+    for (int j = 0; j < J; ++j) {
+      const vec_t<T> b0 = vload(B + j * ldb + c);
+      const vec_t<T> b1 = vload(B + j * ldb + c + W);
+      for (int i = 0; i < RB; ++i) {
+        const T a = A[i * lda + j];
+        acc0[i] += a * b0;
+        acc1[i] += a * b1;
+      }
+    }
+    for (int i = 0; i < RB; ++i) {
+      vstore(out + i * ldo + c, acc0[i]);
+      vstore(out + i * ldo + c + W, acc1[i]);
+    }
+  }
+}
+
+// out (R x cols, ld ldo) = A (R x J, row-major) @ B (J x cols, ld ldb)
+template <typename T>
+void small_gemm(const T* A, int R, int J, const T* B, int64_t ldb, T* out, int64_t ldo, int cols) {
+  int i = 0;
+  for (; i + 6 <= R; i += 6) micro_gemm<T, 6>(A + i * J, J, J, B, ldb, out + i * ldo, ldo, cols);
+  switch (R - i) {
+    case 5: micro_gemm<T, 5>(A + i * J, J, J, B, ldb, out + i * ldo, ldo, cols); break;
+    case 4: micro_gemm<T, 4>(A + i * J, J, J, B, ldb, out + i * ldo, ldo, cols); break;
+    case 3: micro_gemm<T, 3>(A + i * J, J, J, B, ldb, out + i * ldo, ldo, cols); break;
+    case 2: micro_gemm<T, 2>(A + i * J, J, J, B, ldb, out + i * ldo, ldo, cols); break;
+    case 1: micro_gemm<T, 1>(A + i * J, J, J, B, ldb, out + i * ldo, ldo, cols); break;
+    default: break;
+  }
+}
+
+// acc[a*J + b] (vectors) += G[a*ldg + c] * X[b*ldx + c]   for a < LB, b < JB, c < cols (multiple of width).
+// Accumulators stay vectors across calls; they are summed horizontally once at the end.
+template <typename T, int LB, int JB>
+inline void micro_dot(const T* G, int64_t ldg, const T* X, int64_t ldx, int cols, vec_t<T>* acc, int J) {
+  constexpr int W = Vec<T>::width;
+  vec_t<T> s[LB][JB];
+  for (int a = 0; a < LB; ++a)
+    for (int b = 0; b < JB; ++b) s[a][b] = acc[a * J + b];
+  for (int c = 0; c < cols; c += W) {
+    vec_t<T> g[LB], x[JB];
+    for (int a = 0; a < LB; ++a) g[a] = vload(G + a * ldg + c);
+    for (int b = 0; b < JB; ++b) x[b] = vload(X + b * ldx + c);
+    for (int a = 0; a < LB; ++a)
+      for (int b = 0; b < JB; ++b) s[a][b] += g[a] * x[b];
+  }
+  for (int a = 0; a < LB; ++a)
+    for (int b = 0; b < JB; ++b) acc[a * J + b] = s[a][b];
+}
+
+// acc (R x J vectors) += G (R x cols, ld ldg) @ X (J x cols, ld ldx)^T, lane-wise
+template <typename T>
+void small_gemm_nt(const T* G, int64_t ldg, int R, const T* X, int64_t ldx, int J, int cols, vec_t<T>* acc) {
+  int l = 0;
+  for (; l + 4 <= R; l += 4) {
+    int j = 0;
+    for (; j + 3 <= J; j += 3) micro_dot<T, 4, 3>(G + l * ldg, ldg, X + j * ldx, ldx, cols, acc + l * J + j, J);
+    for (; j < J; ++j) micro_dot<T, 4, 1>(G + l * ldg, ldg, X + j * ldx, ldx, cols, acc + l * J + j, J);
+  }
+  for (; l < R; ++l) {
+    int j = 0;
+    for (; j + 3 <= J; j += 3) micro_dot<T, 1, 3>(G + l * ldg, ldg, X + j * ldx, ldx, cols, acc + l * J + j, J);
+    for (; j < J; ++j) micro_dot<T, 1, 1>(G + l * ldg, ldg, X + j * ldx, ldx, cols, acc + l * J + j, J);
+  }
+}
+
+// Run fn(part, chunk_begin, chunk_end) over `parts` contiguous slices of [0, chunks) in parallel.
+template <typename F>
+void parallel_slices(int64_t chunks, int64_t parts, const F& fn) {
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) fn(p, chunks * p / parts, chunks * (p + 1) / parts);
+  });
+}
+
+int64_t num_parts(int64_t chunks, int64_t macs_per_chunk) {
+  // Enough work per thread that the parallel region pays off (~256k multiply-adds minimum).
+  const int64_t threads = at::get_num_threads();
+  const int64_t by_work = std::max<int64_t>(1, chunks * macs_per_chunk / 262144);
+  return std::max<int64_t>(1, std::min({threads, chunks, by_work}));
+}
+
+// Ask for transparent huge pages on a fresh output buffer before it is first touched: a large
+// tensor is a fresh mmap, and faulting it in 4 KiB pages costs more than the encode itself.
+void advise_huge(const at::Tensor& t) {
+#ifdef __linux__
+  const size_t bytes = t.nbytes();
+  if (bytes < (size_t(8) << 20)) return;
+  const uintptr_t page = uintptr_t(2) << 20;
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(t.data_ptr()) + page - 1) & ~(page - 1);
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(page - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advisory: errors ignored
+#endif
+}
+
+// Columns of the bmm layout are q = i*Ct + a (tile row i in [0, B*Mt), tile column a in [0, Ct)); for a
+// fixed rank they are contiguous, so chunks of kChunk columns may span several tile rows.
+struct TileGrid {
+  int64_t M, C, Mt, Ct;  // matrix rows/cols of one sample, tile rows per sample, tile cols
+  int n, w;              // tile height, tile width
+};
+
+// buf[(u*w+v)*CB + c] = x[b, a*n+u, (a0+c')*w+v] for the len columns from q0 (zero outside x), 0 up to cols
+template <typename T>
+void gather_tiles(const T* x, const TileGrid& g, int64_t q0, int len, int cols, T* buf) {
+  constexpr int CB = kChunk<T>;
+  const int J = g.n * g.w;
+  for (int c = 0; c < len;) {
+    const int64_t q = q0 + c, i = q / g.Ct, a0 = q % g.Ct;
+    const int seg = static_cast<int>(std::min<int64_t>(g.Ct - a0, len - c));
+    const int64_t b = i / g.Mt, a = i % g.Mt;
+    const bool inside = (a0 + seg) * g.w <= g.C;
+    for (int u = 0; u < g.n; ++u) {
+      const int64_t row = a * g.n + u;
+      T* bu = buf + u * g.w * CB + c;
+      if (row >= g.M) {
+        for (int v = 0; v < g.w; ++v) std::fill(bu + v * CB, bu + v * CB + seg, T(0));
+        continue;
+      }
+      const T* xr = x + (b * g.M + row) * g.C + a0 * g.w;
+      if (inside) {
+        for (int cc = 0; cc < seg; ++cc)
+          for (int v = 0; v < g.w; ++v) bu[v * CB + cc] = xr[cc * g.w + v];
+      } else {
+        const int64_t valid = g.C - a0 * g.w;
+        for (int v = 0; v < g.w; ++v)
+          for (int cc = 0; cc < seg; ++cc) {
+            const int64_t col = static_cast<int64_t>(cc) * g.w + v;
+            bu[v * CB + cc] = col < valid ? xr[col] : T(0);
+          }
+      }
+    }
+    c += seg;
+  }
+  if (len < cols)
+    for (int j = 0; j < J; ++j) std::fill(buf + j * CB + len, buf + j * CB + cols, T(0));
+}
+
+// y[b, a*n+u, (a0+c')*w+v] = obuf[(u*w+v)*CB + c] for the len columns from q0 (skipping padding)
+template <typename T>
+void scatter_tiles(const T* obuf, const TileGrid& g, int64_t q0, int len, T* y) {
+  constexpr int CB = kChunk<T>;
+  for (int c = 0; c < len;) {
+    const int64_t q = q0 + c, i = q / g.Ct, a0 = q % g.Ct;
+    const int seg = static_cast<int>(std::min<int64_t>(g.Ct - a0, len - c));
+    const int64_t b = i / g.Mt, a = i % g.Mt;
+    const bool inside = (a0 + seg) * g.w <= g.C;
+    for (int u = 0; u < g.n; ++u) {
+      const int64_t row = a * g.n + u;
+      if (row >= g.M) break;
+      T* yr = y + (b * g.M + row) * g.C + a0 * g.w;
+      const T* ob = obuf + u * g.w * CB + c;
+      if (inside) {
+        for (int cc = 0; cc < seg; ++cc)
+          for (int v = 0; v < g.w; ++v) yr[cc * g.w + v] = ob[v * CB + cc];
+      } else {
+        const int64_t valid = g.C - a0 * g.w;
+        for (int cc = 0; cc < seg; ++cc)
+          for (int v = 0; v < g.w; ++v) {
+            const int64_t col = static_cast<int64_t>(cc) * g.w + v;
+            if (col < valid) yr[col] = ob[v * CB + cc];
+          }
+      }
+    }
+    c += seg;
+  }
+}
+
+template <typename T>
+constexpr int round_cols(int len) {
+  return (len + 2 * Vec<T>::width - 1) / (2 * Vec<T>::width) * (2 * Vec<T>::width);
+}
+
+template <typename T>
+void encode_impl(const T* x, const TileGrid& g, int64_t B, const T* E, int r, T* out, const T* G, T* genc) {
+  constexpr int CB = kChunk<T>;
+  const int J = g.n * g.w;
+  const int64_t Q = B * g.Mt * g.Ct;  // columns of the bmm layout; also the stride between ranks
+  const int64_t chunks = (Q + CB - 1) / CB;
+  const int64_t parts = num_parts(chunks, int64_t(CB) * r * J);
+  std::vector<vec_t<T>> partial(genc ? parts * r * J : 0, vec_t<T>{});
+  parallel_slices(chunks, parts, [&](int64_t part, int64_t k0, int64_t k1) {
+    std::vector<T> buf(J * CB), obuf(r * CB), gbuf(G ? r * CB : 0);
+    vec_t<T>* acc = genc ? partial.data() + part * r * J : nullptr;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t q0 = k * CB;
+      const int len = static_cast<int>(std::min<int64_t>(CB, Q - q0));
+      const int cols = round_cols<T>(len);
+      gather_tiles(x, g, q0, len, cols, buf.data());
+      if (out) {
+        if (len == cols) {
+          small_gemm(E, r, J, buf.data(), CB, out + q0, Q, cols);
+        } else {
+          small_gemm(E, r, J, buf.data(), CB, obuf.data(), CB, cols);
+          for (int l = 0; l < r; ++l) std::memcpy(out + l * Q + q0, obuf.data() + l * CB, len * sizeof(T));
+        }
+      }
+      if (G) {
+        if (len == cols) {
+          small_gemm_nt(G + q0, Q, r, buf.data(), CB, J, cols, acc);
+        } else {
+          for (int l = 0; l < r; ++l) {
+            std::memcpy(gbuf.data() + l * CB, G + l * Q + q0, len * sizeof(T));
+            std::fill(gbuf.data() + l * CB + len, gbuf.data() + l * CB + cols, T(0));
+          }
+          small_gemm_nt(gbuf.data(), CB, r, buf.data(), CB, J, cols, acc);
+        }
+      }
+    }
+  });
+  if (genc) {  // fixed-order reduction: deterministic for a given thread count
+    for (int q = 0; q < r * J; ++q) {
+      vec_t<T> s = vec_t<T>{};
+      for (int64_t p = 0; p < parts; ++p) s += partial[p * r * J + q];
+      T t = 0;
+      for (int w = 0; w < Vec<T>::width; ++w) t += s[w];
+      genc[q] = t;
+    }
+  }
+}
+
+template <typename T>
+void decode_impl(const T* P, int r, const TileGrid& g, int64_t B, const T* D, T* y) {
+  constexpr int CB = kChunk<T>;
+  const int R = g.n * g.w;
+  const int64_t Q = B * g.Mt * g.Ct;
+  const int64_t chunks = (Q + CB - 1) / CB;
+  parallel_slices(chunks, num_parts(chunks, int64_t(CB) * r * R), [&](int64_t, int64_t k0, int64_t k1) {
+    std::vector<T> buf(r * CB), obuf(R * CB);
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t q0 = k * CB;
+      const int len = static_cast<int>(std::min<int64_t>(CB, Q - q0));
+      const int cols = round_cols<T>(len);
+      if (len == cols) {
+        small_gemm(D, R, r, P + q0, Q, obuf.data(), CB, cols);
+      } else {
+        for (int l = 0; l < r; ++l) {
+          std::memcpy(buf.data() + l * CB, P + l * Q + q0, len * sizeof(T));
+          std::fill(buf.data() + l * CB + len, buf.data() + l * CB + cols, T(0));
+        }
+        small_gemm(D, R, r, buf.data(), CB, obuf.data(), CB, cols);
+      }
+      scatter_tiles(obuf.data(), g, q0, len, y);
+    }
+  });
+}
+
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "strassenkit_native: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+              "strassenkit_native: ", name, " must be float32 or float64, got ", t.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> encode(const at::Tensor& x_, const at::Tensor& enc_, int64_t n, int64_t m,
+                                          int64_t Mt, int64_t Kt, bool want_out, const at::Tensor& G_) {
+  check_float(x_, "x");
+  TORCH_CHECK(x_.dim() == 3, "strassenkit_native.encode: x must be (B, M, K)");
+  TORCH_CHECK(enc_.dim() == 2 && enc_.size(1) == n * m, "strassenkit_native.encode: enc must be (r, n*m)");
+  TORCH_CHECK(enc_.scalar_type() == x_.scalar_type(), "strassenkit_native.encode: dtype mismatch");
+  const auto x = x_.contiguous();
+  const auto enc = enc_.contiguous();
+  const int64_t B = x.size(0), M = x.size(1), K = x.size(2), r = enc.size(0);
+  TORCH_CHECK(Mt * n >= M && Kt * m >= K, "strassenkit_native.encode: Mt/Kt too small");
+  const bool want_grad = G_.numel() > 0;
+  at::Tensor G;
+  if (want_grad) {
+    TORCH_CHECK(G_.sizes() == at::IntArrayRef({r, B * Mt, Kt}) && G_.scalar_type() == x.scalar_type(),
+                "strassenkit_native.encode: G must be (r, B*Mt, Kt) in x's dtype");
+    G = G_.contiguous();
+  }
+  at::Tensor out = want_out ? at::empty({r, B * Mt, Kt}, x.options()) : at::empty({0}, x.options());
+  at::Tensor genc = want_grad ? at::empty({r, n * m}, x.options()) : at::empty({0}, x.options());
+  if (want_out) advise_huge(out);
+  const TileGrid grid{M, K, Mt, Kt, static_cast<int>(n), static_cast<int>(m)};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "strassenkit_native.encode", [&] {
+    encode_impl<scalar_t>(x.data_ptr<scalar_t>(), grid, B, enc.data_ptr<scalar_t>(), r,
+                          want_out ? out.data_ptr<scalar_t>() : nullptr, want_grad ? G.data_ptr<scalar_t>() : nullptr,
+                          want_grad ? genc.data_ptr<scalar_t>() : nullptr);
+  });
+  return {out, genc};
+}
+
+at::Tensor decode(const at::Tensor& P_, const at::Tensor& dec_, int64_t n, int64_t p, int64_t B, int64_t Mt,
+                  int64_t M, int64_t N) {
+  check_float(P_, "P");
+  TORCH_CHECK(P_.dim() == 3 && P_.size(1) == B * Mt, "strassenkit_native.decode: P must be (r, B*Mt, Nt)");
+  TORCH_CHECK(dec_.dim() == 2 && dec_.size(0) == n * p && dec_.size(1) == P_.size(0),
+              "strassenkit_native.decode: dec must be (n*p, r)");
+  TORCH_CHECK(dec_.scalar_type() == P_.scalar_type(), "strassenkit_native.decode: dtype mismatch");
+  TORCH_CHECK(Mt * n >= M && P_.size(2) * p >= N, "strassenkit_native.decode: M/N too large");
+  const auto P = P_.contiguous();
+  const auto D = dec_.contiguous();
+  at::Tensor y = at::empty({B, M, N}, P.options());
+  advise_huge(y);
+  const TileGrid grid{M, N, Mt, P.size(2), static_cast<int>(n), static_cast<int>(p)};
+  AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "strassenkit_native.decode", [&] {
+    decode_impl<scalar_t>(P.data_ptr<scalar_t>(), P.size(0), grid, B, D.data_ptr<scalar_t>(), y.data_ptr<scalar_t>());
+  });
+  return y;
+}
+
+at::Tensor bmm(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1),
+              "strassenkit_native.bmm: shapes (r,X,Y) @ (r,Y,Z) expected");
+  const int64_t r = a.size(0);
+  at::Tensor out = at::empty({r, a.size(1), b.size(2)}, a.options());
+  advise_huge(out);
+  // Each GEMM runs inside the parallel region, where ATen/MKL use a single thread.
+  at::parallel_for(0, r, 1, [&](int64_t l0, int64_t l1) {
+    for (int64_t l = l0; l < l1; ++l) {
+      auto o = out.select(0, l);
+      at::mm_out(o, a.select(0, l), b.select(0, l));
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(strassenkit_native, lib) {
+  lib.def("encode(Tensor x, Tensor enc, int n, int m, int Mt, int Kt, bool want_out, Tensor G) -> (Tensor, Tensor)",
+          &encode);
+  lib.def("decode(Tensor P, Tensor dec, int n, int p, int B, int Mt, int M, int N) -> Tensor", &decode);
+  lib.def("bmm(Tensor a, Tensor b) -> Tensor", &bmm);
+}

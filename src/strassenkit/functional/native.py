@@ -1,0 +1,108 @@
+"""Loader for the optional native CPU kernels (``csrc/stl_kernels.cpp``) with a pure-PyTorch fallback.
+
+The kernels are compiled once per machine with ``torch.utils.cpp_extension`` (g++ and ninja) into
+``$STRASSENKIT_CACHE/native`` (default ``~/.cache/strassenkit/native``); ``make install`` builds them,
+otherwise the first STL call does (about 30 s). If no compiler is available, or
+``STRASSENKIT_NATIVE=0`` is set, :func:`available` is False and :mod:`.ops` uses its pure-PyTorch
+path, which computes the same values (tests compare both on random shapes).
+
+    python -m strassenkit.functional.native        # build now and print where
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "load", "enabled", "build_info"]
+
+_SOURCE = Path(__file__).with_name("csrc") / "stl_kernels.cpp"
+_state: dict = {}
+
+
+def enabled() -> bool:
+    """False when the user disabled the native kernels with ``STRASSENKIT_NATIVE=0``."""
+    return os.environ.get("STRASSENKIT_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _flags() -> list[str]:
+    cap = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
+    flags = ["-O3"]
+    if cap.startswith("AVX"):
+        flags += ["-mavx2", "-mfma"]
+    # OpenMP pragmas in at::parallel_for (torch CPU builds use the OpenMP backend); compile only: the
+    # GOMP symbols then resolve to the OpenMP runtime torch itself loaded, so one thread pool is shared.
+    if torch.__config__.parallel_info().find("parallel backend: OpenMP") >= 0:
+        flags.append("-fopenmp")
+    return flags
+
+
+def _build_dir(name: str) -> Path:
+    root = os.environ.get("STRASSENKIT_CACHE")
+    base = Path(root) if root else Path.home() / ".cache" / "strassenkit"
+    return base / "native" / name
+
+
+def _name() -> str:
+    key = hashlib.sha1(_SOURCE.read_bytes() + " ".join(_flags()).encode() + torch.__version__.encode()).hexdigest()[:12]
+    return f"strassenkit_native_{key}"
+
+
+def build_info() -> dict:
+    """Where the kernels are (to be) built and with which flags."""
+    name = _name()
+    return {"name": name, "build_dir": str(_build_dir(name)), "flags": _flags(), "source": str(_SOURCE)}
+
+
+def load(verbose: bool = False) -> bool:
+    """Compile (if needed) and load the kernels; True on success. Failures warn once and return False."""
+    if "ok" in _state:
+        return _state["ok"]
+    ok = False
+    if enabled():
+        try:
+            from torch.utils import cpp_extension
+
+            name = _name()
+            build = _build_dir(name)
+            build.mkdir(parents=True, exist_ok=True)
+            if not any(build.glob(f"{name}*.so")):
+                print(f"strassenkit: compiling native STL kernels into {build} (once, ~30 s)", file=sys.stderr)
+            cpp_extension.load(
+                name=name,
+                sources=[str(_SOURCE)],
+                extra_cflags=_flags(),
+                build_directory=str(build),
+                is_python_module=False,
+                verbose=verbose,
+            )
+            ok = hasattr(torch.ops.strassenkit_native, "encode")
+        except Exception as err:  # noqa: BLE001 - any build/load failure means: use the fallback
+            warnings.warn(
+                f"strassenkit: native STL kernels unavailable ({type(err).__name__}: {str(err)[:300]}); "
+                "using the slower pure-PyTorch path. Install g++ and ninja, or set STRASSENKIT_NATIVE=0 to silence.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    _state["ok"] = ok
+    return ok
+
+
+def available() -> bool:
+    """True if the native kernels are loaded (compiling them on first call)."""
+    return load()
+
+
+if __name__ == "__main__":  # pragma: no cover - build helper used by `make install`
+    if not enabled():
+        print("STRASSENKIT_NATIVE=0: native kernels disabled")
+        sys.exit(0)
+    ok = load(verbose="-v" in sys.argv)
+    info = build_info()
+    print(f"native STL kernels: {'ok' if ok else 'NOT available (pure-PyTorch fallback)'} - {info['build_dir']}")
+    sys.exit(0)
