@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test,demo]"
+	$(PY) -m strassenkit.functional.native  # compile the native STL kernels once (g++, ninja; ~15 s)
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -24,8 +25,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# THP_MEM_ALLOC_ENABLE=1: PyTorch's own switch for transparent huge pages on large CPU tensors; it
+# saves page faults for dense and STL alike (the STL kernels also request huge pages for their outputs).
 bench: $(STAMP)
-	$(PY) -m strassenkit bench
+	THP_MEM_ALLOC_ENABLE=1 $(PY) -m strassenkit bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -56,3 +56,29 @@ def test_unknown_set_rejected(tmp_path):
     args = argparse.Namespace(quick=True, sets="nope", modes="forward", threads=None, repeats=1, tile=4, rank=24, out=str(tmp_path))
     with pytest.raises(SystemExit, match="unknown shape set"):
         bench.run(args)
+
+
+def test_kernels_option_times_each_backend(tmp_path, monkeypatch):
+    from strassenkit.functional import native
+
+    monkeypatch.setattr(bench, "QUICK_SETS", {"square": [(32, 32, 32, ("float32",), (1,))]})
+    args = argparse.Namespace(
+        quick=True, sets=None, modes="forward", threads=None, repeats=1, tile=4, rank=24, out=str(tmp_path), kernels="native,torch"
+    )
+    if not native.available():
+        with pytest.raises(RuntimeError, match="native"):
+            bench.run(args)
+        return
+    assert bench.run(args) == 0
+    data = json.loads((tmp_path / "bench_quick.json").read_text())
+    assert [r["kernels"] for r in data["rows"]] == ["native", "torch"]
+    assert "--kernels native,torch" in data["command"]
+    assert "THP_MEM_ALLOC_ENABLE" in data["machine"]
+
+
+def test_bad_kernels_option_rejected(tmp_path):
+    args = argparse.Namespace(
+        quick=True, sets=None, modes="forward", threads=None, repeats=1, tile=4, rank=24, out=str(tmp_path), kernels="cuda"
+    )
+    with pytest.raises(SystemExit, match="kernels"):
+        bench.run(args)

@@ -85,6 +85,7 @@ class BenchRow:
     repeats: int
     dense_upcast_ms: float | None = None  # low precision only: dense computed in the compute dtype
     speedup_vs_upcast: float | None = None
+    kernels: str = "torch"  # which STL kernels ran: "native" (C++) or "torch" (pure PyTorch)
 
 
 def _median_interleaved(fns: list, repeats: int, warmup: int) -> list[float]:
@@ -106,11 +107,16 @@ def _ceil(a: int, b: int) -> int:
 
 def bench_row(
     set_name: str, M: int, K: int, N: int, dtype: str, mode: str, threads: int,
-    tile: int = 4, rank: int = 24, repeats: int = 5, warmup: int = 1, seed: int = 0,
+    tile: int = 4, rank: int = 24, repeats: int = 5, warmup: int = 1, seed: int = 0, kernels: str = "auto",
 ) -> BenchRow:
-    """Time one (shape, dtype, mode, threads) row; see the module docstring."""
+    """Time one (shape, dtype, mode, threads) row with STL ``kernels`` ("auto", "native" or "torch")."""
     if mode not in ("forward", "train"):
         raise ValueError(f"mode must be 'forward' or 'train', got {mode!r}")
+    with backend(kernels):
+        return _bench_row(set_name, M, K, N, dtype, mode, threads, tile, rank, repeats, warmup, seed)
+
+
+def _bench_row(set_name, M, K, N, dtype, mode, threads, tile, rank, repeats, warmup, seed) -> BenchRow:
     dt = getattr(torch, dtype)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -175,6 +181,7 @@ def bench_row(
         threads=threads, dense_ms=d * 1e3, stl_ms=s * 1e3, core_ms=c * 1e3, speedup=d / s,
         flop_bound=M * K * N / core_macs, bmm_bound=d / c, outside_core_share=max(0.0, 1 - c / s), repeats=repeats,
         dense_upcast_ms=up[0] * 1e3 if up else None, speedup_vs_upcast=up[0] / s if up else None,
+        kernels=active_backend(cdt, "cpu"),
     )
 
 
@@ -196,6 +203,7 @@ def _machine_info() -> dict:
         "cpu": model, "simd": simd, "cores": os.cpu_count(), "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16_gemm": native_low_precision("cpu"), "loadavg_start": load,
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
     }
 
 
@@ -206,7 +214,7 @@ def _break_even(rows: list[BenchRow]) -> dict:
         for mode in ("forward", "train"):
             best: dict[int, float] = {}
             for r in rows:
-                if r.set == "square" and r.dtype == dtype and r.mode == mode:
+                if r.set == "square" and r.dtype == dtype and r.mode == mode and r.kernels == rows[0].kernels:
                     best[r.M] = max(best.get(r.M, 0.0), r.speedup)
             if not best:
                 continue
@@ -222,8 +230,13 @@ def _break_even(rows: list[BenchRow]) -> dict:
     return out
 
 
-def run_bench(sets: dict, modes=("forward", "train"), tile=4, rank=24, repeats=5, threads=None, progress=True):
-    """Run every row of ``sets``; returns (rows, info). ``threads`` overrides the per-row thread counts."""
+def run_bench(
+    sets: dict, modes=("forward", "train"), tile=4, rank=24, repeats=5, threads=None, progress=True, kernels=("auto",)
+):
+    """Run every row of ``sets`` once per entry of ``kernels``; returns (rows, info).
+
+    ``threads`` overrides the per-row thread counts.
+    """
     from tqdm import tqdm
 
     jobs = []
@@ -232,13 +245,14 @@ def run_bench(sets: dict, modes=("forward", "train"), tile=4, rank=24, repeats=5
             for dtype in dtypes:
                 for mode in modes:
                     for th in threads or ths:
-                        jobs.append((name, M, K, N, dtype, mode, th))
+                        for kern in kernels:
+                            jobs.append((name, M, K, N, dtype, mode, th, kern))
     info = _machine_info()
     rows = []
     for job in tqdm(jobs, desc="bench", disable=not progress):
-        name, M, K, N, dtype, mode, th = job
+        name, M, K, N, dtype, mode, th, kern = job
         big = M * K * N >= 2**36
-        rows.append(bench_row(name, M, K, N, dtype, mode, th, tile, rank, repeats=3 if big else repeats))
+        rows.append(bench_row(name, M, K, N, dtype, mode, th, tile, rank, repeats=3 if big else repeats, kernels=kern))
     info["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     info["break_even"] = _break_even(rows)
     return rows, info
@@ -255,6 +269,11 @@ def _markdown(rows: list[BenchRow], info: dict, command: str) -> str:
         f"- load average (1, 5, 15 min) at start {info['loadavg_start']}, at end {info['loadavg_end']} "
         "(other jobs shared the cores: absolute times are noisy; dense and STL are interleaved per repeat, "
         "so the ratios are the figures to read)",
+        f"- THP_MEM_ALLOC_ENABLE={info.get('THP_MEM_ALLOC_ENABLE', 'unset')} (PyTorch's transparent-huge-page "
+        "switch for large CPU tensors; `make bench` sets it to 1 so dense outputs get huge pages too: the STL "
+        "native kernels request them for their own outputs either way)",
+        "- kernels: `native` = the C++ STL kernels (strassenkit.functional.native), `torch` = the pure-PyTorch "
+        "fallback; dense is always `F.linear`",
         "- t=4, r=24 tiles (4x4 row tiles grouped inside sequences of 64 rows); median of repeats after warm-up",
         "- speedup = dense / STL; flop bound = dense MACs / STL core MACs; bmm bound = dense / core-bmm time; "
         "outside = share of STL time outside the core bmm(s)",
@@ -265,12 +284,12 @@ def _markdown(rows: list[BenchRow], info: dict, command: str) -> str:
         "Break-even (square shapes, best thread count): "
         + "; ".join(f"{k}: {v}" for k, v in info["break_even"].items()),
         "",
-        "| set | M x K x N | dtype (compute) | mode | threads | dense ms | STL ms | speedup | flop bound | bmm bound | outside core | vs dense in compute dtype |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| set | M x K x N | dtype (compute) | mode | threads | kernels | dense ms | STL ms | speedup | flop bound | bmm bound | outside core | vs dense in compute dtype |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.set} | {r.M}x{r.K}x{r.N} | {r.dtype} ({r.compute_dtype}) | {r.mode} | {r.threads} | "
+            f"| {r.set} | {r.M}x{r.K}x{r.N} | {r.dtype} ({r.compute_dtype}) | {r.mode} | {r.threads} | {r.kernels} | "
             f"{r.dense_ms:.1f} | {r.stl_ms:.1f} | **{r.speedup:.2f}x** | {r.flop_bound:.2f} | {r.bmm_bound:.2f} | "
             f"{100 * r.outside_core_share:.0f}% | "
             + (f"{r.speedup_vs_upcast:.2f}x ({r.dense_upcast_ms:.1f} ms) |" if r.speedup_vs_upcast else "- |")
@@ -287,11 +306,11 @@ def _plot(rows: list[BenchRow], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     groups: dict[tuple, list] = {}
     for r in rows:
-        groups.setdefault((r.dtype, r.mode, r.threads), []).append(r)
-    for (dtype, mode, th), rs in sorted(groups.items()):
+        groups.setdefault((r.dtype, r.mode, r.threads, r.kernels), []).append(r)
+    for (dtype, mode, th, kern), rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r.M * r.K * r.N)
         ax.plot([r.M * r.K * r.N for r in rs], [r.speedup for r in rs], "o-" if mode == "forward" else "s--",
-                label=f"{dtype} {mode} {th} thr", alpha=0.8)
+                label=f"{dtype} {mode} {th} thr ({kern})", alpha=0.8)
     ax.axhline(1.0, color="k", lw=1)
     if rows:
         ax.axhline(rows[0].flop_bound, color="gray", ls=":", label=f"FLOP bound {rows[0].flop_bound:.2f}")
@@ -311,6 +330,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default="forward,train", help="forward,train")
     parser.add_argument("--threads", default=None, help="override thread counts, e.g. 1,2 (default: per row)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per row (3 for the largest rows)")
+    parser.add_argument(
+        "--kernels", default="auto",
+        help="STL kernels to time, comma-separated from auto,native,torch (e.g. native,torch to compare)",
+    )
     parser.add_argument("--tile", type=int, default=4)
     parser.add_argument("--rank", type=int, default=24)
     parser.add_argument("--out", default="results/bench", help="output folder")
@@ -331,7 +354,10 @@ def run(args: argparse.Namespace) -> int:
     threads = [int(v) for v in args.threads.split(",")] if args.threads else None
     if args.repeats < 1:
         raise SystemExit("--repeats must be >= 1")
-    rows, info = run_bench(pool, modes, args.tile, args.rank, args.repeats, threads)
+    kernels = tuple(s.strip() for s in getattr(args, "kernels", "auto").split(",") if s.strip())
+    if not kernels or any(k not in ("auto", "native", "torch") for k in kernels):
+        raise SystemExit(f"--kernels must be a comma-separated subset of auto,native,torch, got {args.kernels!r}")
+    rows, info = run_bench(pool, modes, args.tile, args.rank, args.repeats, threads, kernels=kernels)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = getattr(args, "name", "bench") or "bench"
@@ -343,6 +369,8 @@ def run(args: argparse.Namespace) -> int:
         cmd += f" --sets {args.sets}"
     if args.threads:
         cmd += f" --threads {args.threads}"
+    if getattr(args, "kernels", "auto") != "auto":
+        cmd += f" --kernels {args.kernels}"
     payload = {"command": cmd, "tile": args.tile, "rank": args.rank, "machine": info, "rows": [asdict(r) for r in rows]}
     (out / f"{name}{suffix}.json").write_text(json.dumps(payload, indent=1))
     md = _markdown(rows, info, cmd)

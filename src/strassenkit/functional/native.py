@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -53,6 +54,18 @@ def _name() -> str:
     return f"strassenkit_native_{key}"
 
 
+def _put_ninja_on_path() -> None:
+    """torch.utils.cpp_extension runs `ninja` from PATH; use the PyPI ninja package's binary if needed."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja  # the PyPI package ships the binary
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+
+
 def build_info() -> dict:
     """Where the kernels are (to be) built and with which flags."""
     name = _name()
@@ -68,6 +81,7 @@ def load(verbose: bool = False) -> bool:
         try:
             from torch.utils import cpp_extension
 
+            _put_ninja_on_path()
             name = _name()
             build = _build_dir(name)
             build.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,12 @@ backward needs, x_hat (r, B*Mt, Kt) and prod (r, B*Mt, Nt) in the compute dtype 
 Only ``y`` is meant for users (:func:`strassenkit.functional.stl.stl_apply` drops the others);
 gradients that reach x_hat or prod are ignored.
 
+Kernels: float32/float64 on CPU use the native C++ kernels of ``csrc/stl_kernels.cpp`` (see
+:mod:`.native`: compiled once per machine; tile gather + encode and decode + tile scatter fused in one
+pass over cache-sized column chunks, threads over chunks; the r core GEMMs split across threads, each
+single-threaded). Everything else, or ``backend("torch")``, or ``STRASSENKIT_NATIVE=0``, uses the
+pure-PyTorch helpers below; both compute the same values (tests compare them).
+
 Layout (the "bmm layout"): every stage is one dense BLAS call on a contiguous 2-D/3-D view.
 
     encode:  tiles (n*m, B*Mt*Kt) = one permute-copy of x;  x_hat = enc_x @ tiles

@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #ifdef __linux__
@@ -164,6 +165,56 @@ void advise_huge(const at::Tensor& t) {
 #endif
 }
 
+// float, tile width 4: 8 consecutive tiles' columns <-> 4 vectors of 8 (one per column-in-tile v).
+// deinterleave: a[0..3] = 32 floats [c0v0 c0v1 c0v2 c0v3 c1v0 ...]  ->  r[v] = [c0v .. c7v]
+inline void deinterleave4(const float* src, float* dst0, int64_t ld) {
+  using V8 = vec_t<float>;
+  const V8 a0 = vload(src), a1 = vload(src + 8), a2 = vload(src + 16), a3 = vload(src + 24);
+  const V8 s0 = __builtin_shufflevector(a0, a1, 0, 4, 8, 12, 1, 5, 9, 13);
+  const V8 s1 = __builtin_shufflevector(a0, a1, 2, 6, 10, 14, 3, 7, 11, 15);
+  const V8 s2 = __builtin_shufflevector(a2, a3, 0, 4, 8, 12, 1, 5, 9, 13);
+  const V8 s3 = __builtin_shufflevector(a2, a3, 2, 6, 10, 14, 3, 7, 11, 15);
+  vstore(dst0, __builtin_shufflevector(s0, s2, 0, 1, 2, 3, 8, 9, 10, 11));
+  vstore(dst0 + ld, __builtin_shufflevector(s0, s2, 4, 5, 6, 7, 12, 13, 14, 15));
+  vstore(dst0 + 2 * ld, __builtin_shufflevector(s1, s3, 0, 1, 2, 3, 8, 9, 10, 11));
+  vstore(dst0 + 3 * ld, __builtin_shufflevector(s1, s3, 4, 5, 6, 7, 12, 13, 14, 15));
+}
+// the inverse: r[v] (4 rows of 8, stride ld) -> 32 interleaved floats
+inline void interleave4(const float* src0, int64_t ld, float* dst) {
+  using V8 = vec_t<float>;
+  const V8 r0 = vload(src0), r1 = vload(src0 + ld), r2 = vload(src0 + 2 * ld), r3 = vload(src0 + 3 * ld);
+  const V8 s0 = __builtin_shufflevector(r0, r1, 0, 1, 2, 3, 8, 9, 10, 11);
+  const V8 s1 = __builtin_shufflevector(r2, r3, 0, 1, 2, 3, 8, 9, 10, 11);
+  const V8 s2 = __builtin_shufflevector(r0, r1, 4, 5, 6, 7, 12, 13, 14, 15);
+  const V8 s3 = __builtin_shufflevector(r2, r3, 4, 5, 6, 7, 12, 13, 14, 15);
+  vstore(dst, __builtin_shufflevector(s0, s1, 0, 4, 8, 12, 1, 5, 9, 13));
+  vstore(dst + 8, __builtin_shufflevector(s0, s1, 2, 6, 10, 14, 3, 7, 11, 15));
+  vstore(dst + 16, __builtin_shufflevector(s2, s3, 0, 4, 8, 12, 1, 5, 9, 13));
+  vstore(dst + 24, __builtin_shufflevector(s2, s3, 2, 6, 10, 14, 3, 7, 11, 15));
+}
+
+// Copy seg tiles (width w) of one row between the interleaved x layout and w planar rows (stride ld).
+template <typename T>
+inline void tiles_to_planes(const T* xr, int seg, int w, T* bu, int64_t ld) {
+  int cc = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    if (w == 4)
+      for (; cc + 8 <= seg; cc += 8) deinterleave4(xr + cc * 4, bu + cc, ld);
+  }
+  for (; cc < seg; ++cc)
+    for (int v = 0; v < w; ++v) bu[v * ld + cc] = xr[cc * w + v];
+}
+template <typename T>
+inline void planes_to_tiles(const T* ob, int64_t ld, int seg, int w, T* yr) {
+  int cc = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    if (w == 4)
+      for (; cc + 8 <= seg; cc += 8) interleave4(ob + cc, ld, yr + cc * 4);
+  }
+  for (; cc < seg; ++cc)
+    for (int v = 0; v < w; ++v) yr[cc * w + v] = ob[v * ld + cc];
+}
+
 // Columns of the bmm layout are q = i*Ct + a (tile row i in [0, B*Mt), tile column a in [0, Ct)); for a
 // fixed rank they are contiguous, so chunks of kChunk columns may span several tile rows.
 struct TileGrid {
@@ -190,8 +241,7 @@ void gather_tiles(const T* x, const TileGrid& g, int64_t q0, int len, int cols, 
       }
       const T* xr = x + (b * g.M + row) * g.C + a0 * g.w;
       if (inside) {
-        for (int cc = 0; cc < seg; ++cc)
-          for (int v = 0; v < g.w; ++v) bu[v * CB + cc] = xr[cc * g.w + v];
+        tiles_to_planes(xr, seg, g.w, bu, CB);
       } else {
         const int64_t valid = g.C - a0 * g.w;
         for (int v = 0; v < g.w; ++v)
@@ -222,8 +272,7 @@ void scatter_tiles(const T* obuf, const TileGrid& g, int64_t q0, int len, T* y) 
       T* yr = y + (b * g.M + row) * g.C + a0 * g.w;
       const T* ob = obuf + u * g.w * CB + c;
       if (inside) {
-        for (int cc = 0; cc < seg; ++cc)
-          for (int v = 0; v < g.w; ++v) yr[cc * g.w + v] = ob[v * CB + cc];
+        planes_to_tiles(ob, CB, seg, g.w, yr);
       } else {
         const int64_t valid = g.C - a0 * g.w;
         for (int cc = 0; cc < seg; ++cc)
