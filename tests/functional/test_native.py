@@ -271,12 +271,7 @@ def _fwd_bwd(fn, args, fmt, N, gy, wrt=(True, True, True, True)):
 
 NAMES = ("y", "grad_x", "grad_w_hat", "grad_enc_x", "grad_dec")
 
-# Known bug (see test_native_bmm_multithreaded_with_grad_operands): with > 1 thread the native bmm
-# fails when an operand requires grad, i.e. whenever w_hat does. The multi-threaded full-path tests
-# therefore freeze w_hat (grads of x, enc_x, dec, and the forward, are still checked); drop this once
-# that test XPASSes.
-def _wrt(threads):
-    return (True, True, True, True) if threads == 1 else (True, False, True, True)
+ALL_GRADS = (True, True, True, True)  # gradients for x, w_hat, enc_x, dec
 
 
 def _compare(results, ref, tol, what):
@@ -299,11 +294,11 @@ def test_stl_apply_native_vs_torch_vs_reference_float64(threads, lead, M, data, 
     ref = _fwd_bwd(stl_apply_reference, args, fmt, N, gy)
     with _threads(threads):
         with ops.backend("native"), _spy_native() as calls:
-            nat = _fwd_bwd(stl_apply, args, fmt, N, gy, _wrt(threads))
+            nat = _fwd_bwd(stl_apply, args, fmt, N, gy, ALL_GRADS)
         assert calls["encode"] >= 2 and calls["decode"] >= 2, calls  # forward + backward went native
         assert (calls["bmm"] > 0) == (threads > 1), calls  # the native bmm only with several threads
         with ops.backend("torch"), _spy_native() as calls:
-            tor = _fwd_bwd(stl_apply, args, fmt, N, gy, _wrt(threads))
+            tor = _fwd_bwd(stl_apply, args, fmt, N, gy, ALL_GRADS)
         assert calls == {"encode": 0, "decode": 0, "bmm": 0}, calls
     _compare(nat, ref, 1e-12, f"native vs reference ({threads} threads):")
     _compare(tor, ref, 1e-12, f"torch vs reference ({threads} threads):")
@@ -320,11 +315,11 @@ def test_stl_apply_native_vs_torch_vs_reference_fixed(fmt, shape, threads):
     ref = _fwd_bwd(stl_apply_reference, args, fmt, N, gy)
     with _threads(threads):
         with ops.backend("native"):
-            nat = _fwd_bwd(stl_apply, args, fmt, N, gy, _wrt(threads))
+            nat = _fwd_bwd(stl_apply, args, fmt, N, gy, ALL_GRADS)
             # float32 too (against the float64 reference on the same, exactly representable, inputs)
-            nat32 = _fwd_bwd(stl_apply, [a.float() for a in args], fmt, N, gy.float(), _wrt(threads))
+            nat32 = _fwd_bwd(stl_apply, [a.float() for a in args], fmt, N, gy.float(), ALL_GRADS)
         with ops.backend("torch"):
-            tor = _fwd_bwd(stl_apply, args, fmt, N, gy, _wrt(threads))
+            tor = _fwd_bwd(stl_apply, args, fmt, N, gy, ALL_GRADS)
     ref32 = _fwd_bwd(stl_apply_reference, [a.float().double() for a in args], fmt, N, gy.float().double())
     _compare(nat, ref, 1e-12, "native vs reference:")
     _compare(tor, ref, 1e-12, "torch vs reference:")
@@ -341,8 +336,8 @@ def test_native_is_deterministic(dtype, threads):
     args = _operands(lead, M, K, N, fmt, r, dtype=dtype, seed=5)
     gy = torch.randn(*lead, M, N, dtype=torch.float64, generator=torch.Generator().manual_seed(6)).to(dtype)
     with _threads(threads), ops.backend("native"), _spy_native() as calls:
-        first = _fwd_bwd(stl_apply, args, fmt, N, gy, _wrt(threads))
-        second = _fwd_bwd(stl_apply, args, fmt, N, gy, _wrt(threads))
+        first = _fwd_bwd(stl_apply, args, fmt, N, gy, ALL_GRADS)
+        second = _fwd_bwd(stl_apply, args, fmt, N, gy, ALL_GRADS)
     assert calls["encode"] == 6 and calls["decode"] == 4, calls  # per run: encode x, grad_y, enc_x-grad; decode y, grad_x
     for name, a, b in zip(NAMES, first, second):
         assert (a is None) == (b is None)
@@ -363,20 +358,21 @@ def test_native_bmm_matches_torch_bmm(dtype):
 
 
 @requires_native
-@pytest.mark.xfail(
-    raises=RuntimeError, strict=True,
-    reason="known bug: strassenkit_native.bmm runs at::mm_out on at::parallel_for worker threads, which do "
-    "not inherit the caller's below-autograd dispatch state, so with > 1 thread it fails ('mm(): functions "
-    "with out=... arguments don't support automatic differentiation') as soon as an operand requires grad, "
-    "e.g. a w_hat nn.Parameter, even under torch.no_grad()",
-)
 def test_native_bmm_multithreaded_with_grad_operands():
     x = torch.randn(8, 16)
     w_hat = torch.randn(4, 4, 4, requires_grad=True)  # rank 4 > 1: the r GEMMs go to both threads
     enc, dec = torch.randn(4, 16), torch.randn(16, 4)
-    with _threads(2), ops.backend("native"), torch.no_grad():
-        y = stl_apply(x, w_hat, enc, dec, 4)
-    assert torch.allclose(y, stl_apply_reference(x, w_hat.detach(), enc, dec, 4), rtol=1e-5, atol=1e-5)
+    # Regression: the r GEMMs run on worker threads, which must inherit the caller's thread-local
+    # dispatch state (below autograd inside the custom op), or mm_out refuses operands requiring grad.
+    ref = stl_apply_reference(x, w_hat.detach(), enc, dec, 4)
+    with _threads(2), ops.backend("native"):
+        with torch.no_grad():
+            y = stl_apply(x, w_hat, enc, dec, 4)
+        y2 = stl_apply(x, w_hat, enc, dec, 4)
+        y2.sum().backward()
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(y2.detach(), ref, rtol=1e-5, atol=1e-5)
+    assert w_hat.grad is not None and torch.isfinite(w_hat.grad).all()
 
 
 # --------------------------------------------------------------------------- backend selection

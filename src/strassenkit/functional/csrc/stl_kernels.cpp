@@ -23,6 +23,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -426,7 +427,11 @@ at::Tensor bmm(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor out = at::empty({r, a.size(1), b.size(2)}, a.options());
   advise_huge(out);
   // Each GEMM runs inside the parallel region, where ATen/MKL use a single thread.
+  // Worker threads start with default thread-local state; carry the caller's (below autograd inside
+  // the custom op, grad mode, ...) so that mm_out on operands that require grad is legal there too.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, r, 1, [&](int64_t l0, int64_t l1) {
+    at::ThreadLocalStateGuard guard(caller_state);
     for (int64_t l = l0; l < l1; ++l) {
       auto o = out.select(0, l);
       at::mm_out(o, a.select(0, l), b.select(0, l));
