@@ -55,7 +55,7 @@ def main() -> None:
                 f()
                 times[k].append(time.perf_counter() - t0)
     dense = statistics.median(times["dense F.linear"])
-    print(f"M={a.M} K={a.K} N={a.N} t={t} r={r} {a.dtype} (compute {cdt}) threads={a.threads}")
+    print(f"M={a.M} K={a.K} N={a.N} t={t} r={r} {a.dtype} (compute {cdt}) threads={a.threads} kernels={ops.active_backend(cdt)}")
     for k, v in times.items():
         med = statistics.median(v)
         print(f"{k:20s} {med * 1e3:9.2f} ms   dense/this = {dense / med:5.2f}")

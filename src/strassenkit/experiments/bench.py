@@ -8,8 +8,8 @@ Every row is a problem (M rows, K in-features, N out-features) with tile t=4, ra
 - train: forward + backward with gradients for x, w_hat, enc_x, dec vs F.linear forward + backward
   for x and w.
 
-Timing: the dense and STL calls are interleaved inside each repeat (so load changes hit both), after
-warm-up; the reported time is the median of the repeats. The core-bmm time (the r batched products
+Timing: the dense and STL calls are interleaved inside each repeat, in alternating order (so load
+changes hit both, and neither always runs right after the other), after warm-up; the reported time is the median of the repeats. The core-bmm time (the r batched products
 alone; in train mode the three bmms of forward + backward) gives the "bmm-only bound"
 dense/core and the share of STL time spent outside the core, 1 - core/STL. The FLOP bound is
 dense MACs / STL core MACs (n*m*p/r up to padding). Rows where STL is slower are kept.
@@ -93,8 +93,9 @@ def _median_interleaved(fns: list, repeats: int, warmup: int) -> list[float]:
         for f in fns:
             f()
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, f in enumerate(fns):
+    for rep in range(repeats):  # alternate the order so no candidate always runs right after another
+        order = list(enumerate(fns))
+        for i, f in order if rep % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
             f()
             times[i].append(time.perf_counter() - t0)
@@ -252,7 +253,7 @@ def run_bench(
     for job in tqdm(jobs, desc="bench", disable=not progress):
         name, M, K, N, dtype, mode, th, kern = job
         big = M * K * N >= 2**36
-        rows.append(bench_row(name, M, K, N, dtype, mode, th, tile, rank, repeats=3 if big else repeats, kernels=kern))
+        rows.append(bench_row(name, M, K, N, dtype, mode, th, tile, rank, repeats=max(3, repeats - 2) if big else repeats, kernels=kern))
     info["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     info["break_even"] = _break_even(rows)
     return rows, info
@@ -329,7 +330,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sets", default=None, help=f"comma-separated shape sets from {sorted(SHAPE_SETS)}")
     parser.add_argument("--modes", default="forward,train", help="forward,train")
     parser.add_argument("--threads", default=None, help="override thread counts, e.g. 1,2 (default: per row)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per row (3 for the largest rows)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per row (2 fewer, at least 3, for the largest rows)")
     parser.add_argument(
         "--kernels", default="auto",
         help="STL kernels to time, comma-separated from auto,native,torch (e.g. native,torch to compare)",

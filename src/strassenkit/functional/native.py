@@ -6,6 +6,9 @@ otherwise the first STL call does (about 30 s). If no compiler is available, or
 ``STRASSENKIT_NATIVE=0`` is set, :func:`available` is False and :mod:`.ops` uses its pure-PyTorch
 path, which computes the same values (tests compare both on random shapes).
 
+Outputs larger than 8 MiB are advised to use transparent huge pages (``STRASSENKIT_HUGEPAGES=0`` turns
+that off); outputs larger than 32 MiB are written with streaming stores.
+
     python -m strassenkit.functional.native        # build now and print where
 """
 

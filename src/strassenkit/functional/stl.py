@@ -16,9 +16,9 @@ indices never mix. Sizes that are not multiples of the tile are zero-padded and 
 (zero rows/columns contribute nothing to a bilinear form, so padding never changes real outputs).
 
 Two paths compute the same thing: ``*_reference`` (einsum on 6-D views, easy to read) and the
-default fast path (the ``strassenkit::stl_forward`` custom op in :mod:`.ops`: one permute-copy,
-encode as a single matmul straight into the bmm layout, one bmm, decode as a single matmul, and a
-custom backward). Tests check one against the other.
+default fast path (the ``strassenkit::stl_forward`` custom op in :mod:`.ops`: encode straight into
+the bmm layout, one bmm, decode, and a custom backward; native C++ kernels for float32/float64 on CPU,
+pure-PyTorch ops otherwise). Tests check one against the other.
 """
 
 from __future__ import annotations

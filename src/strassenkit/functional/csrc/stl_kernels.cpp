@@ -12,9 +12,10 @@
 //
 // Why: encode and decode are GEMMs with a tiny inner dimension (n*m or r) over millions of columns,
 // preceded/followed by a strided tile permutation. BLAS runs them far below peak and barely scales
-// across threads. Here every thread owns a slice of tile rows; for each chunk of kChunk tile columns
-// it gathers the tiles into an L1 buffer, runs a register-blocked micro-kernel, and writes straight
-// into the destination layout, so x and y are read/written exactly once. The r core GEMMs scale
+// across threads. Here the columns of the bmm layout (tile row, tile column) are cut into chunks of
+// kChunk; every thread owns a slice of chunks, gathers each chunk's tiles into an L1 buffer (vector
+// shuffles for float 4-wide tiles), runs a register-blocked micro-kernel, and writes straight into the
+// destination layout, so x and y are read/written exactly once. The r core GEMMs scale
 // better as r independent single-threaded GEMMs than as one multi-threaded bmm on few cores.
 //
 // Portable C++ with GCC/Clang vector extensions (32-byte vectors; AVX2+FMA when compiled with
@@ -28,6 +29,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
@@ -35,6 +37,9 @@
 
 #ifdef __linux__
 #include <sys/mman.h>
+#endif
+#if defined(__AVX__)
+#include <immintrin.h>
 #endif
 
 namespace {
@@ -56,6 +61,46 @@ inline vec_t<T> vload(const T* p) {
 template <typename T>
 inline void vstore(T* p, vec_t<T> v) {
   std::memcpy(p, &v, sizeof(v));
+}
+
+// Streaming (non-temporal) stores for outputs far larger than the caches: they skip the read-for-
+// ownership of every destination line, about a third of the memory traffic of encode and decode.
+// Used only when the output exceeds kStreamBytes (smaller outputs are re-read soon from cache).
+constexpr size_t kStreamBytes = size_t(32) << 20;
+
+template <typename T>
+inline void copy_out(T* dst, const T* src, int len, bool stream) {
+#if defined(__AVX__)
+  if (stream && (reinterpret_cast<uintptr_t>(dst) & 31) == 0) {
+    int i = 0;
+    if constexpr (std::is_same_v<T, float>) {
+      for (; i + 8 <= len; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+    } else {
+      for (; i + 4 <= len; i += 4) _mm256_stream_pd(dst + i, _mm256_loadu_pd(src + i));
+    }
+    for (; i < len; ++i) dst[i] = src[i];
+    return;
+  }
+#endif
+  (void)stream;
+  std::memcpy(dst, src, len * sizeof(T));
+}
+
+inline void store_vec(float* dst, vec_t<float> v, bool stream) {
+#if defined(__AVX__)
+  if (stream) {
+    _mm256_stream_ps(dst, reinterpret_cast<__m256>(v));
+    return;
+  }
+#endif
+  vstore(dst, v);
+}
+
+inline void stream_fence(bool stream) {
+#if defined(__AVX__)
+  if (stream) _mm_sfence();
+#endif
+  (void)stream;
 }
 
 // Columns per chunk: 64 floats / 32 doubles -> 8 vectors; buffers stay in L1.
@@ -157,6 +202,11 @@ int64_t num_parts(int64_t chunks, int64_t macs_per_chunk) {
 // tensor is a fresh mmap, and faulting it in 4 KiB pages costs more than the encode itself.
 void advise_huge(const at::Tensor& t) {
 #ifdef __linux__
+  static const bool enabled = [] {
+    const char* v = std::getenv("STRASSENKIT_HUGEPAGES");
+    return !(v && (v[0] == '0' || v[0] == 'n' || v[0] == 'N' || v[0] == 'f' || v[0] == 'F'));
+  }();
+  if (!enabled) return;
   const size_t bytes = t.nbytes();
   if (bytes < (size_t(8) << 20)) return;
   const uintptr_t page = uintptr_t(2) << 20;
@@ -181,17 +231,17 @@ inline void deinterleave4(const float* src, float* dst0, int64_t ld) {
   vstore(dst0 + 3 * ld, __builtin_shufflevector(s1, s3, 4, 5, 6, 7, 12, 13, 14, 15));
 }
 // the inverse: r[v] (4 rows of 8, stride ld) -> 32 interleaved floats
-inline void interleave4(const float* src0, int64_t ld, float* dst) {
+inline void interleave4(const float* src0, int64_t ld, float* dst, bool stream) {
   using V8 = vec_t<float>;
   const V8 r0 = vload(src0), r1 = vload(src0 + ld), r2 = vload(src0 + 2 * ld), r3 = vload(src0 + 3 * ld);
   const V8 s0 = __builtin_shufflevector(r0, r1, 0, 1, 2, 3, 8, 9, 10, 11);
   const V8 s1 = __builtin_shufflevector(r2, r3, 0, 1, 2, 3, 8, 9, 10, 11);
   const V8 s2 = __builtin_shufflevector(r0, r1, 4, 5, 6, 7, 12, 13, 14, 15);
   const V8 s3 = __builtin_shufflevector(r2, r3, 4, 5, 6, 7, 12, 13, 14, 15);
-  vstore(dst, __builtin_shufflevector(s0, s1, 0, 4, 8, 12, 1, 5, 9, 13));
-  vstore(dst + 8, __builtin_shufflevector(s0, s1, 2, 6, 10, 14, 3, 7, 11, 15));
-  vstore(dst + 16, __builtin_shufflevector(s2, s3, 0, 4, 8, 12, 1, 5, 9, 13));
-  vstore(dst + 24, __builtin_shufflevector(s2, s3, 2, 6, 10, 14, 3, 7, 11, 15));
+  store_vec(dst, __builtin_shufflevector(s0, s1, 0, 4, 8, 12, 1, 5, 9, 13), stream);
+  store_vec(dst + 8, __builtin_shufflevector(s0, s1, 2, 6, 10, 14, 3, 7, 11, 15), stream);
+  store_vec(dst + 16, __builtin_shufflevector(s2, s3, 0, 4, 8, 12, 1, 5, 9, 13), stream);
+  store_vec(dst + 24, __builtin_shufflevector(s2, s3, 2, 6, 10, 14, 3, 7, 11, 15), stream);
 }
 
 // Copy seg tiles (width w) of one row between the interleaved x layout and w planar rows (stride ld).
@@ -206,11 +256,13 @@ inline void tiles_to_planes(const T* xr, int seg, int w, T* bu, int64_t ld) {
     for (int v = 0; v < w; ++v) bu[v * ld + cc] = xr[cc * w + v];
 }
 template <typename T>
-inline void planes_to_tiles(const T* ob, int64_t ld, int seg, int w, T* yr) {
+inline void planes_to_tiles(const T* ob, int64_t ld, int seg, int w, T* yr, bool stream) {
   int cc = 0;
   if constexpr (std::is_same_v<T, float>) {
-    if (w == 4)
-      for (; cc + 8 <= seg; cc += 8) interleave4(ob + cc, ld, yr + cc * 4);
+    if (w == 4) {
+      const bool aligned = (reinterpret_cast<uintptr_t>(yr) & 31) == 0;
+      for (; cc + 8 <= seg; cc += 8) interleave4(ob + cc, ld, yr + cc * 4, stream && aligned);
+    }
   }
   for (; cc < seg; ++cc)
     for (int v = 0; v < w; ++v) yr[cc * w + v] = ob[v * ld + cc];
@@ -258,9 +310,24 @@ void gather_tiles(const T* x, const TileGrid& g, int64_t q0, int len, int cols, 
     for (int j = 0; j < J; ++j) std::fill(buf + j * CB + len, buf + j * CB + cols, T(0));
 }
 
+// Prefetch the x rows that gather_tiles will read for the chunk starting at column q (one tile row).
+template <typename T>
+inline void prefetch_tiles(const T* x, const TileGrid& g, int64_t q, int64_t Q) {
+  if (q >= Q) return;
+  constexpr int kLine = 64 / sizeof(T);
+  const int64_t i = q / g.Ct, a0 = q % g.Ct, b = i / g.Mt, a = i % g.Mt;
+  const int64_t c0 = a0 * g.w, c1 = std::min<int64_t>(g.C, c0 + int64_t(kChunk<T>) * g.w);
+  for (int u = 0; u < g.n; ++u) {
+    const int64_t row = a * g.n + u;
+    if (row >= g.M) break;
+    const T* xr = x + (b * g.M + row) * g.C;
+    for (int64_t c = c0; c < c1; c += kLine) __builtin_prefetch(xr + c, 0, 0);
+  }
+}
+
 // y[b, a*n+u, (a0+c')*w+v] = obuf[(u*w+v)*CB + c] for the len columns from q0 (skipping padding)
 template <typename T>
-void scatter_tiles(const T* obuf, const TileGrid& g, int64_t q0, int len, T* y) {
+void scatter_tiles(const T* obuf, const TileGrid& g, int64_t q0, int len, T* y, bool stream) {
   constexpr int CB = kChunk<T>;
   for (int c = 0; c < len;) {
     const int64_t q = q0 + c, i = q / g.Ct, a0 = q % g.Ct;
@@ -273,7 +340,7 @@ void scatter_tiles(const T* obuf, const TileGrid& g, int64_t q0, int len, T* y) 
       T* yr = y + (b * g.M + row) * g.C + a0 * g.w;
       const T* ob = obuf + u * g.w * CB + c;
       if (inside) {
-        planes_to_tiles(ob, CB, seg, g.w, yr);
+        planes_to_tiles(ob, CB, seg, g.w, yr, stream);
       } else {
         const int64_t valid = g.C - a0 * g.w;
         for (int cc = 0; cc < seg; ++cc)
@@ -292,6 +359,29 @@ constexpr int round_cols(int len) {
   return (len + 2 * Vec<T>::width - 1) / (2 * Vec<T>::width) * (2 * Vec<T>::width);
 }
 
+// The r rows of one chunk in the bmm layout lie Q elements apart; Q*sizeof(T) is often a multiple
+// of 4 KiB (e.g. 4 MiB at 4096^2), so they all map to the same L1/L2 cache sets and evict each other
+// when a micro-kernel walks them repeatedly. Copy them once into / out of a contiguous L1 buffer.
+template <typename T>
+inline void load_rows(const T* src, int64_t Q, int rows, int len, int cols, T* buf, int64_t ahead = 0) {
+  constexpr int CB = kChunk<T>;
+  constexpr int kLine = 64 / sizeof(T);
+  // r strided streams are more than the hardware prefetchers track: prefetch `ahead` elements on
+  // (the chunk after next) by hand, every line of every row.
+  if (ahead > 0)
+    for (int l = 0; l < rows; ++l)
+      for (int c = 0; c < CB; c += kLine) __builtin_prefetch(src + l * Q + ahead + c, 0, 0);
+  for (int l = 0; l < rows; ++l) {
+    std::memcpy(buf + l * CB, src + l * Q, len * sizeof(T));
+    std::fill(buf + l * CB + len, buf + l * CB + cols, T(0));
+  }
+}
+template <typename T>
+inline void store_rows(const T* buf, int rows, int len, T* dst, int64_t Q, bool stream) {
+  constexpr int CB = kChunk<T>;
+  for (int l = 0; l < rows; ++l) copy_out(dst + l * Q, buf + l * CB, len, stream);
+}
+
 template <typename T>
 void encode_impl(const T* x, const TileGrid& g, int64_t B, const T* E, int r, T* out, const T* G, T* genc) {
   constexpr int CB = kChunk<T>;
@@ -300,6 +390,7 @@ void encode_impl(const T* x, const TileGrid& g, int64_t B, const T* E, int r, T*
   const int64_t chunks = (Q + CB - 1) / CB;
   const int64_t parts = num_parts(chunks, int64_t(CB) * r * J);
   std::vector<vec_t<T>> partial(genc ? parts * r * J : 0, vec_t<T>{});
+  const bool stream = out && size_t(r) * Q * sizeof(T) >= kStreamBytes;
   parallel_slices(chunks, parts, [&](int64_t part, int64_t k0, int64_t k1) {
     std::vector<T> buf(J * CB), obuf(r * CB), gbuf(G ? r * CB : 0);
     vec_t<T>* acc = genc ? partial.data() + part * r * J : nullptr;
@@ -307,27 +398,18 @@ void encode_impl(const T* x, const TileGrid& g, int64_t B, const T* E, int r, T*
       const int64_t q0 = k * CB;
       const int len = static_cast<int>(std::min<int64_t>(CB, Q - q0));
       const int cols = round_cols<T>(len);
+      if (k + 2 < k1) prefetch_tiles(x, g, q0 + 2 * CB, Q);
       gather_tiles(x, g, q0, len, cols, buf.data());
       if (out) {
-        if (len == cols) {
-          small_gemm(E, r, J, buf.data(), CB, out + q0, Q, cols);
-        } else {
-          small_gemm(E, r, J, buf.data(), CB, obuf.data(), CB, cols);
-          for (int l = 0; l < r; ++l) std::memcpy(out + l * Q + q0, obuf.data() + l * CB, len * sizeof(T));
-        }
+        small_gemm(E, r, J, buf.data(), CB, obuf.data(), CB, cols);
+        store_rows(obuf.data(), r, len, out + q0, Q, stream);
       }
       if (G) {
-        if (len == cols) {
-          small_gemm_nt(G + q0, Q, r, buf.data(), CB, J, cols, acc);
-        } else {
-          for (int l = 0; l < r; ++l) {
-            std::memcpy(gbuf.data() + l * CB, G + l * Q + q0, len * sizeof(T));
-            std::fill(gbuf.data() + l * CB + len, gbuf.data() + l * CB + cols, T(0));
-          }
-          small_gemm_nt(gbuf.data(), CB, r, buf.data(), CB, J, cols, acc);
-        }
+        load_rows(G + q0, Q, r, len, cols, gbuf.data(), k + 2 < k1 ? 2 * CB : 0);
+        small_gemm_nt(gbuf.data(), CB, r, buf.data(), CB, J, cols, acc);
       }
     }
+    stream_fence(stream);
   });
   if (genc) {  // fixed-order reduction: deterministic for a given thread count
     for (int q = 0; q < r * J; ++q) {
@@ -346,23 +428,18 @@ void decode_impl(const T* P, int r, const TileGrid& g, int64_t B, const T* D, T*
   const int R = g.n * g.w;
   const int64_t Q = B * g.Mt * g.Ct;
   const int64_t chunks = (Q + CB - 1) / CB;
+  const bool stream = size_t(B) * g.M * g.C * sizeof(T) >= kStreamBytes;
   parallel_slices(chunks, num_parts(chunks, int64_t(CB) * r * R), [&](int64_t, int64_t k0, int64_t k1) {
     std::vector<T> buf(r * CB), obuf(R * CB);
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t q0 = k * CB;
       const int len = static_cast<int>(std::min<int64_t>(CB, Q - q0));
       const int cols = round_cols<T>(len);
-      if (len == cols) {
-        small_gemm(D, R, r, P + q0, Q, obuf.data(), CB, cols);
-      } else {
-        for (int l = 0; l < r; ++l) {
-          std::memcpy(buf.data() + l * CB, P + l * Q + q0, len * sizeof(T));
-          std::fill(buf.data() + l * CB + len, buf.data() + l * CB + cols, T(0));
-        }
-        small_gemm(D, R, r, buf.data(), CB, obuf.data(), CB, cols);
-      }
-      scatter_tiles(obuf.data(), g, q0, len, y);
+      load_rows(P + q0, Q, r, len, cols, buf.data(), k + 2 < k1 ? 2 * CB : 0);
+      small_gemm(D, R, r, buf.data(), CB, obuf.data(), CB, cols);
+      scatter_tiles(obuf.data(), g, q0, len, y, stream);
     }
+    stream_fence(stream);
   });
 }
 
