@@ -82,3 +82,10 @@ def test_bad_kernels_option_rejected(tmp_path):
     )
     with pytest.raises(SystemExit, match="kernels"):
         bench.run(args)
+
+
+def test_ratio_spread_is_min_max_of_same_repeat_ratios():
+    assert bench._ratio_spread([2.0, 3.0, 4.0], [1.0, 1.0, 4.0]) == (1.0, 3.0)
+    row = bench.bench_row("t", 64, 32, 48, "float32", "forward", 1, repeats=3, warmup=0)
+    assert row.speedup_min <= row.speedup_max
+    assert row.speedup_min > 0

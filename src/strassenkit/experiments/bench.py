@@ -86,9 +86,12 @@ class BenchRow:
     dense_upcast_ms: float | None = None  # low precision only: dense computed in the compute dtype
     speedup_vs_upcast: float | None = None
     kernels: str = "torch"  # which STL kernels ran: "native" (C++) or "torch" (pure PyTorch)
+    speedup_min: float | None = None  # min / max over repeats of dense_i / stl_i (same repeat)
+    speedup_max: float | None = None
 
 
-def _median_interleaved(fns: list, repeats: int, warmup: int) -> list[float]:
+def _interleaved(fns: list, repeats: int, warmup: int) -> list[list[float]]:
+    """Per-candidate lists of ``repeats`` wall times (seconds), candidates interleaved per repeat."""
     for _ in range(warmup):
         for f in fns:
             f()
@@ -99,7 +102,13 @@ def _median_interleaved(fns: list, repeats: int, warmup: int) -> list[float]:
             t0 = time.perf_counter()
             f()
             times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def _ratio_spread(dense: list[float], stl: list[float]) -> tuple[float, float]:
+    """Min and max over repeats of the same-repeat ratio dense_i / stl_i (how noisy the speedup is)."""
+    ratios = [d / s for d, s in zip(dense, stl)]
+    return min(ratios), max(ratios)
 
 
 def _ceil(a: int, b: int) -> int:
@@ -173,7 +182,9 @@ def _bench_row(set_name, M, K, N, dtype, mode, threads, tile, rank, repeats, war
                 xd.grad = wd.grad = None
                 F.linear(xd.to(cdt), wd.to(cdt)).to(dt).backward(gy)
         fns = [dense, stl, core] + ([dense_up] if cdt != dt else [])
-        d, s, c, *up = _median_interleaved(fns, repeats, warmup)
+        times = _interleaved(fns, repeats, warmup)
+        d, s, c, *up = (statistics.median(t) for t in times)
+        lo, hi = _ratio_spread(times[0], times[1])
     finally:
         torch.set_num_threads(old_threads)
     core_macs = rank * Mt * Kt * Nt
@@ -182,7 +193,7 @@ def _bench_row(set_name, M, K, N, dtype, mode, threads, tile, rank, repeats, war
         threads=threads, dense_ms=d * 1e3, stl_ms=s * 1e3, core_ms=c * 1e3, speedup=d / s,
         flop_bound=M * K * N / core_macs, bmm_bound=d / c, outside_core_share=max(0.0, 1 - c / s), repeats=repeats,
         dense_upcast_ms=up[0] * 1e3 if up else None, speedup_vs_upcast=up[0] / s if up else None,
-        kernels=active_backend(cdt, "cpu"),
+        kernels=active_backend(cdt, "cpu"), speedup_min=lo, speedup_max=hi,
     )
 
 
@@ -276,7 +287,7 @@ def _markdown(rows: list[BenchRow], info: dict, command: str) -> str:
         "- kernels: `native` = the C++ STL kernels (strassenkit.functional.native), `torch` = the pure-PyTorch "
         "fallback; dense is always `F.linear`",
         "- t=4, r=24 tiles (4x4 row tiles grouped inside sequences of 64 rows); median of repeats after warm-up",
-        "- speedup = dense / STL; flop bound = dense MACs / STL core MACs; bmm bound = dense / core-bmm time; "
+        "- speedup = dense / STL (medians), with the min-max over repeats of the same-repeat ratio in brackets; flop bound = dense MACs / STL core MACs; bmm bound = dense / core-bmm time; "
         "outside = share of STL time outside the core bmm(s)",
         "- bf16 rows: compute dtype shows what the fast path computes in (float32 on CPUs without native bf16 GEMMs); "
         "dense is native bf16 F.linear. When the compute dtype differs, the last column compares against dense "
@@ -291,35 +302,79 @@ def _markdown(rows: list[BenchRow], info: dict, command: str) -> str:
     for r in rows:
         lines.append(
             f"| {r.set} | {r.M}x{r.K}x{r.N} | {r.dtype} ({r.compute_dtype}) | {r.mode} | {r.threads} | {r.kernels} | "
-            f"{r.dense_ms:.1f} | {r.stl_ms:.1f} | **{r.speedup:.2f}x** | {r.flop_bound:.2f} | {r.bmm_bound:.2f} | "
+            f"{r.dense_ms:.1f} | {r.stl_ms:.1f} | **{r.speedup:.2f}x**{_spread(r)} | {r.flop_bound:.2f} | {r.bmm_bound:.2f} | "
             f"{100 * r.outside_core_share:.0f}% | "
             + (f"{r.speedup_vs_upcast:.2f}x ({r.dense_upcast_ms:.1f} ms) |" if r.speedup_vs_upcast else "- |")
         )
     return "\n".join(lines) + "\n"
 
 
+def _spread(r: BenchRow) -> str:
+    return f" ({r.speedup_min:.2f}-{r.speedup_max:.2f})" if r.speedup_min is not None else ""
+
+
+def _best_threads(rows: list[BenchRow]) -> list[BenchRow]:
+    """For every (set, shape, dtype, mode, kernels), the row of the thread count with the best speedup."""
+    best: dict[tuple, BenchRow] = {}
+    for r in rows:
+        key = (r.set, r.M, r.K, r.N, r.dtype, r.mode, r.kernels)
+        if key not in best or r.speedup > best[key].speedup:
+            best[key] = r
+    return list(best.values())
+
+
 def _plot(rows: list[BenchRow], path: Path) -> None:
+    """fp32 speedup vs size (square shapes as lines, other sets as markers); bf16 vs dense in the compute dtype."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    groups: dict[tuple, list] = {}
-    for r in rows:
-        groups.setdefault((r.dtype, r.mode, r.threads, r.kernels), []).append(r)
-    for (dtype, mode, th, kern), rs in sorted(groups.items()):
-        rs = sorted(rs, key=lambda r: r.M * r.K * r.N)
-        ax.plot([r.M * r.K * r.N for r in rs], [r.speedup for r in rs], "o-" if mode == "forward" else "s--",
-                label=f"{dtype} {mode} {th} thr ({kern})", alpha=0.8)
+    rows = _best_threads(rows)
+    low = [r for r in rows if r.speedup_vs_upcast is not None]
+    fig, axes = plt.subplots(1, 2 if low else 1, figsize=(12 if low else 7, 5), squeeze=False)
+    ax = axes[0][0]
+    markers = {"square": "o", "vit": "^", "llm": "D", "small_batch": "v", "small_width": "s"}
+    colors = {}
+    for r in sorted(rows, key=lambda r: r.M * r.K * r.N):
+        if r.speedup_vs_upcast is not None:
+            continue
+        key = (r.mode, r.kernels)
+        color = colors.setdefault(key, f"C{len(colors)}")
+        ax.errorbar(
+            r.M * r.K * r.N, r.speedup,
+            yerr=[[r.speedup - (r.speedup_min or r.speedup)], [(r.speedup_max or r.speedup) - r.speedup]],
+            fmt=markers.get(r.set, "x"), color=color, alpha=0.8, ms=6, capsize=2,
+        )
+    for (mode, kern), color in colors.items():
+        sq = sorted((r for r in rows if r.set == "square" and r.speedup_vs_upcast is None and (r.mode, r.kernels) == (mode, kern)),
+                    key=lambda r: r.M)
+        ax.plot([r.M * r.K * r.N for r in sq], [r.speedup for r in sq], "-" if mode == "forward" else "--", color=color,
+                label=f"{mode}, {kern} kernels")
+    for name, mk in markers.items():
+        ax.plot([], [], mk, color="gray", label=name)
     ax.axhline(1.0, color="k", lw=1)
     if rows:
         ax.axhline(rows[0].flop_bound, color="gray", ls=":", label=f"FLOP bound {rows[0].flop_bound:.2f}")
     ax.set_xscale("log")
     ax.set_xlabel("dense MACs (M*K*N)")
-    ax.set_ylabel("speedup over dense F.linear")
-    ax.set_title("STL t=4 r=24 vs dense (all shape sets)")
+    ax.set_ylabel("speedup = dense F.linear time / STL time")
+    ax.set_title("float32, best of 1/2 threads (bars: min-max over repeats)")
     ax.legend(fontsize=7)
+    if low:
+        ax = axes[0][1]
+        for kern in sorted({r.kernels for r in low}):
+            for mode in ("forward", "train"):
+                rs = sorted((r for r in low if r.kernels == kern and r.mode == mode), key=lambda r: r.M * r.K * r.N)
+                ax.plot([r.M * r.K * r.N for r in rs], [r.speedup_vs_upcast for r in rs],
+                        "o-" if mode == "forward" else "s--", label=f"{mode}, {kern} kernels")
+        ax.axhline(1.0, color="k", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("dense MACs (M*K*N)")
+        ax.set_ylabel("dense (in compute dtype) time / STL time")
+        ax.set_title(f"{low[0].dtype} inputs, computed in {low[0].compute_dtype} (no native bf16 GEMM here)")
+        ax.legend(fontsize=7)
+    fig.suptitle("STL t=4 r=24 vs dense")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
