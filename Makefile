@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test,demo]"
-	$(PY) -m strassenkit.functional.native  # compile the native STL kernels once (g++, ninja; ~15 s)
+	-$(PY) -m strassenkit native  # compile the native STL kernels once (g++, ninja; ~15 s); fallback if it fails
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

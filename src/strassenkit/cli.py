@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "approx": ("strassenkit.experiments.approx", "tile-approximation study: init families vs rank (t=4), tensor, Gaussian and real-tile errors"),
     "rediscover": ("strassenkit.experiments.rediscover", "learn ternary rank-7 2x2 matmul SPNs from 25 random inits; verify exactly"),
     "train": ("strassenkit.experiments.train_cmd", "resumable training (AdamW, cosine, KD, checkpoints, DDP) on a built-in task"),
+    "native": ("strassenkit.functional.native", "build the native C++ STL kernels now (else on first use) and report"),
     "experiment": ("strassenkit.experiments.run_experiment", "paper experiments on real data: vit, spn_cnn, charlm, minilm, report"),
 }
 

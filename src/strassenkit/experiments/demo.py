@@ -21,6 +21,7 @@ import torch
 
 from .. import cost
 from ..data.digits import load_digits_split
+from ..functional.ops import active_backend
 from ..models.vit import ViT, dense_linear
 from ..nn.stlinear import STLinear
 from .exp_common import accuracy, forward_times, train_classifier
@@ -87,7 +88,8 @@ def run(args) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         meta = {"config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-                "torch": torch.__version__, "threads": torch.get_num_threads()}
+                "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "stl_kernels": active_backend(torch.float32, "cpu")}
         (out / "summary.json").write_text(json.dumps({"meta": meta, "runs": records}, indent=2))
         print(f"wrote {out / 'summary.json'}")
     return 0

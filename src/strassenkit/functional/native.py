@@ -9,7 +9,7 @@ path, which computes the same values (tests compare both on random shapes).
 Outputs larger than 8 MiB are advised to use transparent huge pages (``STRASSENKIT_HUGEPAGES=0`` turns
 that off); outputs larger than 32 MiB are written with streaming stores.
 
-    python -m strassenkit.functional.native        # build now and print where
+    strassenkit native        # build now and print where (python -m strassenkit native)
 """
 
 from __future__ import annotations
@@ -115,11 +115,16 @@ def available() -> bool:
     return load()
 
 
-if __name__ == "__main__":  # pragma: no cover - build helper used by `make install`
+def add_arguments(parser) -> None:
+    """``strassenkit native``: build the kernels now (``make install`` does) and report."""
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the compiler commands")
+
+
+def run(args) -> int:
     if not enabled():
-        print("STRASSENKIT_NATIVE=0: native kernels disabled")
-        sys.exit(0)
-    ok = load(verbose="-v" in sys.argv)
+        print("STRASSENKIT_NATIVE=0: native kernels disabled (pure-PyTorch path)")
+        return 0
+    ok = load(verbose=args.verbose)
     info = build_info()
     print(f"native STL kernels: {'ok' if ok else 'NOT available (pure-PyTorch fallback)'} - {info['build_dir']}")
-    sys.exit(0)
+    return 0 if ok else 1
