@@ -275,16 +275,25 @@ struct TileGrid {
   int n, w;              // tile height, tile width
 };
 
+// Walk the len columns from q0 in runs that stay inside one tile row: fn(c, seg, b, a, a0, inside) for
+// chunk offset c, run length seg, sample b, tile row a of that sample, first tile column a0, and
+// whether the run's columns all lie inside x (no right padding).
+template <typename F>
+inline void for_each_run(const TileGrid& g, int64_t q0, int len, const F& fn) {
+  for (int c = 0; c < len;) {
+    const int64_t q = q0 + c, i = q / g.Ct, a0 = q % g.Ct;
+    const int seg = static_cast<int>(std::min<int64_t>(g.Ct - a0, len - c));
+    fn(c, seg, i / g.Mt, i % g.Mt, a0, (a0 + seg) * g.w <= g.C);
+    c += seg;
+  }
+}
+
 // buf[(u*w+v)*CB + c] = x[b, a*n+u, (a0+c')*w+v] for the len columns from q0 (zero outside x), 0 up to cols
 template <typename T>
 void gather_tiles(const T* x, const TileGrid& g, int64_t q0, int len, int cols, T* buf) {
   constexpr int CB = kChunk<T>;
   const int J = g.n * g.w;
-  for (int c = 0; c < len;) {
-    const int64_t q = q0 + c, i = q / g.Ct, a0 = q % g.Ct;
-    const int seg = static_cast<int>(std::min<int64_t>(g.Ct - a0, len - c));
-    const int64_t b = i / g.Mt, a = i % g.Mt;
-    const bool inside = (a0 + seg) * g.w <= g.C;
+  for_each_run(g, q0, len, [&](int c, int seg, int64_t b, int64_t a, int64_t a0, bool inside) {
     for (int u = 0; u < g.n; ++u) {
       const int64_t row = a * g.n + u;
       T* bu = buf + u * g.w * CB + c;
@@ -304,8 +313,7 @@ void gather_tiles(const T* x, const TileGrid& g, int64_t q0, int len, int cols, 
           }
       }
     }
-    c += seg;
-  }
+  });
   if (len < cols)
     for (int j = 0; j < J; ++j) std::fill(buf + j * CB + len, buf + j * CB + cols, T(0));
 }
@@ -329,11 +337,7 @@ inline void prefetch_tiles(const T* x, const TileGrid& g, int64_t q, int64_t Q) 
 template <typename T>
 void scatter_tiles(const T* obuf, const TileGrid& g, int64_t q0, int len, T* y, bool stream) {
   constexpr int CB = kChunk<T>;
-  for (int c = 0; c < len;) {
-    const int64_t q = q0 + c, i = q / g.Ct, a0 = q % g.Ct;
-    const int seg = static_cast<int>(std::min<int64_t>(g.Ct - a0, len - c));
-    const int64_t b = i / g.Mt, a = i % g.Mt;
-    const bool inside = (a0 + seg) * g.w <= g.C;
+  for_each_run(g, q0, len, [&](int c, int seg, int64_t b, int64_t a, int64_t a0, bool inside) {
     for (int u = 0; u < g.n; ++u) {
       const int64_t row = a * g.n + u;
       if (row >= g.M) break;
@@ -350,8 +354,7 @@ void scatter_tiles(const T* obuf, const TileGrid& g, int64_t q0, int len, T* y, 
           }
       }
     }
-    c += seg;
-  }
+  });
 }
 
 template <typename T>
