@@ -103,6 +103,12 @@ inline void stream_fence(bool stream) {
   (void)stream;
 }
 
+#ifdef STRASSENKIT_NO_PREFETCH  // for A/B timing only
+constexpr bool kPrefetch = false;
+#else
+constexpr bool kPrefetch = true;
+#endif
+
 // Columns per chunk: 64 floats / 32 doubles -> 8 vectors; buffers stay in L1.
 template <typename T>
 constexpr int kChunk = 8 * Vec<T>::width;
@@ -321,7 +327,7 @@ void gather_tiles(const T* x, const TileGrid& g, int64_t q0, int len, int cols, 
 // Prefetch the x rows that gather_tiles will read for the chunk starting at column q (one tile row).
 template <typename T>
 inline void prefetch_tiles(const T* x, const TileGrid& g, int64_t q, int64_t Q) {
-  if (q >= Q) return;
+  if (!kPrefetch || q >= Q) return;
   constexpr int kLine = 64 / sizeof(T);
   const int64_t i = q / g.Ct, a0 = q % g.Ct, b = i / g.Mt, a = i % g.Mt;
   const int64_t c0 = a0 * g.w, c1 = std::min<int64_t>(g.C, c0 + int64_t(kChunk<T>) * g.w);
@@ -371,7 +377,7 @@ inline void load_rows(const T* src, int64_t Q, int rows, int len, int cols, T* b
   constexpr int kLine = 64 / sizeof(T);
   // r strided streams are more than the hardware prefetchers track: prefetch `ahead` elements on
   // (the chunk after next) by hand, every line of every row.
-  if (ahead > 0)
+  if (kPrefetch && ahead > 0)
     for (int l = 0; l < rows; ++l)
       for (int c = 0; c < CB; c += kLine) __builtin_prefetch(src + l * Q + ahead + c, 0, 0);
   for (int l = 0; l < rows; ++l) {
