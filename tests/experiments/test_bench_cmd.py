@@ -89,3 +89,15 @@ def test_ratio_spread_is_min_max_of_same_repeat_ratios():
     row = bench.bench_row("t", 64, 32, 48, "float32", "forward", 1, repeats=3, warmup=0)
     assert row.speedup_min <= row.speedup_max
     assert row.speedup_min > 0
+
+
+def test_runs_option_repeats_rows_and_summarizes(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "QUICK_SETS", {"square": [(32, 32, 32, ("float32",), (1,))]})
+    args = argparse.Namespace(
+        quick=True, sets=None, modes="forward", threads=None, repeats=1, tile=4, rank=24, out=str(tmp_path), runs=2
+    )
+    assert bench.run(args) == 0
+    data = json.loads((tmp_path / "bench_quick.json").read_text())
+    assert [r["run"] for r in data["rows"]] == [0, 1]
+    md = (tmp_path / "bench_quick.md").read_text()
+    assert "Across the 2 runs" in md and "--runs 2" in md

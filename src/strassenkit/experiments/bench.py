@@ -50,6 +50,8 @@ SHAPE_SETS: dict[str, list[tuple[int, int, int, tuple[str, ...], tuple[int, ...]
     "vit": [(12608, 768, 3072, ("float32",), (2,)), (12608, 3072, 768, ("float32",), (2,))],
     "llm": [(4096, 4096, 11008, ("float32",), (2,))],
     "small_batch": [(16, 4096, 4096, ("float32",), _BOTH)],
+    # the issue's goal rows only (run them several times with --runs to see the run-to-run spread)
+    "goals": [(4096, 4096, 4096, ("float32",), (2,)), (6400, 128, 512, ("float32",), (1, 2))],
     "small_width": [
         (6400, 128, 512, ("float32", "bfloat16"), _BOTH),
         (6400, 512, 128, ("float32",), _BOTH),
@@ -88,6 +90,7 @@ class BenchRow:
     kernels: str = "torch"  # which STL kernels ran: "native" (C++) or "torch" (pure PyTorch)
     speedup_min: float | None = None  # min / max over repeats of dense_i / stl_i (same repeat)
     speedup_max: float | None = None
+    run: int = 0  # index of the pass over the shape sets (--runs)
 
 
 def _interleaved(fns: list, repeats: int, warmup: int) -> list[list[float]]:
@@ -226,7 +229,7 @@ def _break_even(rows: list[BenchRow]) -> dict:
         for mode in ("forward", "train"):
             best: dict[int, float] = {}
             for r in rows:
-                if r.set == "square" and r.dtype == dtype and r.mode == mode and r.kernels == rows[0].kernels:
+                if r.set == "square" and r.dtype == dtype and r.mode == mode and r.kernels == rows[0].kernels and r.run == 0:
                     best[r.M] = max(best.get(r.M, 0.0), r.speedup)
             if not best:
                 continue
@@ -243,28 +246,33 @@ def _break_even(rows: list[BenchRow]) -> dict:
 
 
 def run_bench(
-    sets: dict, modes=("forward", "train"), tile=4, rank=24, repeats=5, threads=None, progress=True, kernels=("auto",)
+    sets: dict, modes=("forward", "train"), tile=4, rank=24, repeats=5, threads=None, progress=True, kernels=("auto",),
+    runs=1,
 ):
-    """Run every row of ``sets`` once per entry of ``kernels``; returns (rows, info).
+    """Run every row of ``sets`` once per entry of ``kernels``, ``runs`` times over; returns (rows, info).
 
     ``threads`` overrides the per-row thread counts.
     """
     from tqdm import tqdm
 
-    jobs = []
-    for name, shapes in sets.items():
-        for M, K, N, dtypes, ths in shapes:
-            for dtype in dtypes:
-                for mode in modes:
-                    for th in threads or ths:
-                        for kern in kernels:
-                            jobs.append((name, M, K, N, dtype, mode, th, kern))
+    jobs = [
+        (name, M, K, N, dtype, mode, th, kern, run)
+        for run in range(runs)
+        for name, shapes in sets.items()
+        for M, K, N, dtypes, ths in shapes
+        for dtype in dtypes
+        for mode in modes
+        for th in threads or ths
+        for kern in kernels
+    ]
     info = _machine_info()
     rows = []
     for job in tqdm(jobs, desc="bench", disable=not progress):
-        name, M, K, N, dtype, mode, th, kern = job
+        name, M, K, N, dtype, mode, th, kern, run = job
         big = M * K * N >= 2**36
-        rows.append(bench_row(name, M, K, N, dtype, mode, th, tile, rank, repeats=max(3, repeats - 2) if big else repeats, kernels=kern))
+        row = bench_row(name, M, K, N, dtype, mode, th, tile, rank, repeats=max(3, repeats - 2) if big else repeats, kernels=kern)
+        row.run = run
+        rows.append(row)
     info["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     info["break_even"] = _break_even(rows)
     return rows, info
@@ -296,16 +304,26 @@ def _markdown(rows: list[BenchRow], info: dict, command: str) -> str:
         "Break-even (square shapes, best thread count): "
         + "; ".join(f"{k}: {v}" for k, v in info["break_even"].items()),
         "",
-        "| set | M x K x N | dtype (compute) | mode | threads | kernels | dense ms | STL ms | speedup | flop bound | bmm bound | outside core | vs dense in compute dtype |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | set | M x K x N | dtype (compute) | mode | threads | kernels | dense ms | STL ms | speedup | flop bound | bmm bound | outside core | vs dense in compute dtype |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.set} | {r.M}x{r.K}x{r.N} | {r.dtype} ({r.compute_dtype}) | {r.mode} | {r.threads} | {r.kernels} | "
+            f"| {r.run} | {r.set} | {r.M}x{r.K}x{r.N} | {r.dtype} ({r.compute_dtype}) | {r.mode} | {r.threads} | {r.kernels} | "
             f"{r.dense_ms:.1f} | {r.stl_ms:.1f} | **{r.speedup:.2f}x**{_spread(r)} | {r.flop_bound:.2f} | {r.bmm_bound:.2f} | "
             f"{100 * r.outside_core_share:.0f}% | "
             + (f"{r.speedup_vs_upcast:.2f}x ({r.dense_upcast_ms:.1f} ms) |" if r.speedup_vs_upcast else "- |")
         )
+    runs = sorted({r.run for r in rows})
+    if len(runs) > 1:
+        lines += ["", f"Across the {len(runs)} runs (speedup per run, then the median):", "",
+                  "| set | M x K x N | dtype | mode | threads | kernels | speedups | median |", "|---|---|---|---|---|---|---|---|"]
+        groups: dict[tuple, list[float]] = {}
+        for r in rows:
+            groups.setdefault((r.set, f"{r.M}x{r.K}x{r.N}", r.dtype, r.mode, r.threads, r.kernels), []).append(r.speedup)
+        for key, sp in groups.items():
+            lines.append("| " + " | ".join(str(k) for k in key) + f" | {', '.join(f'{v:.2f}' for v in sp)} | "
+                         f"**{statistics.median(sp):.2f}x** |")
     return "\n".join(lines) + "\n"
 
 
@@ -317,7 +335,7 @@ def _best_threads(rows: list[BenchRow]) -> list[BenchRow]:
     """For every (set, shape, dtype, mode, kernels), the row of the thread count with the best speedup."""
     best: dict[tuple, BenchRow] = {}
     for r in rows:
-        key = (r.set, r.M, r.K, r.N, r.dtype, r.mode, r.kernels)
+        key = (r.set, r.M, r.K, r.N, r.dtype, r.mode, r.kernels, r.run)
         if key not in best or r.speedup > best[key].speedup:
             best[key] = r
     return list(best.values())
@@ -390,6 +408,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kernels", default="auto",
         help="STL kernels to time, comma-separated from auto,native,torch (e.g. native,torch to compare)",
     )
+    parser.add_argument("--runs", type=int, default=1, help="passes over all rows (run-to-run spread)")
     parser.add_argument("--tile", type=int, default=4)
     parser.add_argument("--rank", type=int, default=24)
     parser.add_argument("--out", default="results/bench", help="output folder")
@@ -413,7 +432,10 @@ def run(args: argparse.Namespace) -> int:
     kernels = tuple(s.strip() for s in getattr(args, "kernels", "auto").split(",") if s.strip())
     if not kernels or any(k not in ("auto", "native", "torch") for k in kernels):
         raise SystemExit(f"--kernels must be a comma-separated subset of auto,native,torch, got {args.kernels!r}")
-    rows, info = run_bench(pool, modes, args.tile, args.rank, args.repeats, threads, kernels=kernels)
+    runs = getattr(args, "runs", 1)
+    if runs < 1:
+        raise SystemExit("--runs must be >= 1")
+    rows, info = run_bench(pool, modes, args.tile, args.rank, args.repeats, threads, kernels=kernels, runs=runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = getattr(args, "name", "bench") or "bench"
@@ -427,6 +449,8 @@ def run(args: argparse.Namespace) -> int:
         cmd += f" --threads {args.threads}"
     if getattr(args, "kernels", "auto") != "auto":
         cmd += f" --kernels {args.kernels}"
+    if runs > 1:
+        cmd += f" --runs {runs}"
     payload = {"command": cmd, "tile": args.tile, "rank": args.rank, "machine": info, "rows": [asdict(r) for r in rows]}
     (out / f"{name}{suffix}.json").write_text(json.dumps(payload, indent=1))
     md = _markdown(rows, info, cmd)
