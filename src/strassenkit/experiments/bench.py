@@ -352,7 +352,7 @@ def _plot(rows: list[BenchRow], path: Path) -> None:
     low = [r for r in rows if r.speedup_vs_upcast is not None]
     fig, axes = plt.subplots(1, 2 if low else 1, figsize=(12 if low else 7, 5), squeeze=False)
     ax = axes[0][0]
-    markers = {"square": "o", "vit": "^", "llm": "D", "small_batch": "v", "small_width": "s"}
+    markers = {"square": "o", "vit": "^", "llm": "D", "small_batch": "v", "small_width": "s", "goals": "X"}
     colors = {}
     for r in sorted(rows, key=lambda r: r.M * r.K * r.N):
         if r.speedup_vs_upcast is not None:
@@ -370,7 +370,8 @@ def _plot(rows: list[BenchRow], path: Path) -> None:
         ax.plot([r.M * r.K * r.N for r in sq], [r.speedup for r in sq], "-" if mode == "forward" else "--", color=color,
                 label=f"{mode}, {kern} kernels")
     for name, mk in markers.items():
-        ax.plot([], [], mk, color="gray", label=name)
+        if any(r.set == name for r in rows):
+            ax.plot([], [], mk, color="gray", label=name)
     ax.axhline(1.0, color="k", lw=1)
     if rows:
         ax.axhline(rows[0].flop_bound, color="gray", ls=":", label=f"FLOP bound {rows[0].flop_bound:.2f}")
