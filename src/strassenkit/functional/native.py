@@ -99,6 +99,8 @@ def load(verbose: bool = False) -> bool:
                 verbose=verbose,
             )
             ok = hasattr(torch.ops.strassenkit_native, "encode")
+            if ok:
+                _register_fakes()
         except Exception as err:  # noqa: BLE001 - any build/load failure means: use the fallback
             warnings.warn(
                 f"strassenkit: native STL kernels unavailable ({type(err).__name__}: {str(err)[:300]}); "
@@ -108,6 +110,27 @@ def load(verbose: bool = False) -> bool:
             )
     _state["ok"] = ok
     return ok
+
+
+def _register_fakes() -> None:
+    """Shape-only (fake) kernels, so that torch.compile/export can trace the custom op's backward,
+    which calls these ops (they show up as opaque calls in the traced graph)."""
+    lib = "strassenkit_native::"
+
+    @torch.library.register_fake(lib + "encode")
+    def _encode_fake(x, enc, n, m, Mt, Kt, want_out, G):
+        B, r = x.shape[0], enc.shape[0]
+        out = x.new_empty((r, B * Mt, Kt)) if want_out else x.new_empty(0)
+        genc = x.new_empty((r, n * m)) if G.numel() > 0 else x.new_empty(0)
+        return out, genc
+
+    @torch.library.register_fake(lib + "decode")
+    def _decode_fake(P, dec, n, p, B, Mt, M, N):
+        return P.new_empty((B, M, N))
+
+    @torch.library.register_fake(lib + "bmm")
+    def _bmm_fake(a, b):
+        return a.new_empty((a.shape[0], a.shape[1], b.shape[2]))
 
 
 def available() -> bool:

@@ -528,9 +528,16 @@ at::Tensor bmm(const at::Tensor& a, const at::Tensor& b) {
 
 }  // namespace
 
+// Schemas here, CPU kernels below; shape-only (fake) kernels are registered from Python
+// (strassenkit/functional/native.py) so that torch.compile can trace code that calls these ops.
 TORCH_LIBRARY(strassenkit_native, lib) {
-  lib.def("encode(Tensor x, Tensor enc, int n, int m, int Mt, int Kt, bool want_out, Tensor G) -> (Tensor, Tensor)",
-          &encode);
-  lib.def("decode(Tensor P, Tensor dec, int n, int p, int B, int Mt, int M, int N) -> Tensor", &decode);
-  lib.def("bmm(Tensor a, Tensor b) -> Tensor", &bmm);
+  lib.def("encode(Tensor x, Tensor enc, int n, int m, int Mt, int Kt, bool want_out, Tensor G) -> (Tensor, Tensor)");
+  lib.def("decode(Tensor P, Tensor dec, int n, int p, int B, int Mt, int M, int N) -> Tensor");
+  lib.def("bmm(Tensor a, Tensor b) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(strassenkit_native, CPU, lib) {
+  lib.impl("encode", &encode);
+  lib.impl("decode", &decode);
+  lib.impl("bmm", &bmm);
 }
