@@ -177,7 +177,8 @@ def _encode(x: Tensor, enc: Tensor, n: int, m: int, Mt: int, Kt: int, wgrad_of: 
 def _tiles_wgrad(x: Tensor, g: Tensor, n: int, m: int, Mt: int, Kt: int) -> Tensor:
     """sum over tiles of g (r, B*Mt, Kt) x tiles(x)^T -> (r, n*m) without materializing all tiles."""
     if _native_for(x):
-        return torch.ops.strassenkit_native.encode(x, g.new_empty((g.shape[0], n * m)), n, m, Mt, Kt, False, g.contiguous())[1]
+        unused_enc = g.new_empty((g.shape[0], n * m))  # want_out=False: only its shape is checked
+        return torch.ops.strassenkit_native.encode(x, unused_enc, n, m, Mt, Kt, False, g.contiguous())[1]
     B = x.shape[0]
     r = g.shape[0]
     x5 = _padded(x, Mt * n, Kt * m).reshape(B * Mt, n, Kt, m)
