@@ -567,3 +567,14 @@ def test_compiled_training_step_traces_the_native_backward():
     layer(x).square().sum().backward()
     for a, b in zip(compiled, (p.grad for p in layer.parameters())):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_stale_build_lock_is_removed_and_fresh_one_kept(tmp_path):
+    # a build killed mid-way leaves cpp_extension's lock file; torch would wait on it forever
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert native.clear_stale_lock(tmp_path) is False and lock.exists()  # fresh: another build is running
+    old = lock.stat().st_mtime - 3600
+    os.utime(lock, (old, old))
+    assert native.clear_stale_lock(tmp_path) is True and not lock.exists()
+    assert native.clear_stale_lock(tmp_path) is False  # nothing to remove

@@ -18,6 +18,7 @@ import hashlib
 import os
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -57,6 +58,22 @@ def _name() -> str:
     return f"strassenkit_native_{key}"
 
 
+def clear_stale_lock(build: Path, max_age_s: float = 600.0) -> bool:
+    """Remove a build lock left by a killed build (torch would wait for it forever); True if removed.
+
+    torch.utils.cpp_extension serializes concurrent builds (e.g. torchrun processes) with a ``lock``
+    file in the build folder; a build takes ~15 s, so a lock older than ``max_age_s`` is stale.
+    """
+    lock = build / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > max_age_s:
+            lock.unlink()
+            return True
+    except FileNotFoundError:
+        pass
+    return False
+
+
 def _put_ninja_on_path() -> None:
     """torch.utils.cpp_extension runs `ninja` from PATH; use the PyPI ninja package's binary if needed."""
     if shutil.which("ninja"):
@@ -88,6 +105,7 @@ def load(verbose: bool = False) -> bool:
             name = _name()
             build = _build_dir(name)
             build.mkdir(parents=True, exist_ok=True)
+            clear_stale_lock(build)
             if not any(build.glob(f"{name}*.so")):
                 print(f"strassenkit: compiling native STL kernels into {build} (once, ~30 s)", file=sys.stderr)
             cpp_extension.load(
