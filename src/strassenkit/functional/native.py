@@ -7,7 +7,7 @@ otherwise the first STL call does (about 30 s). If no compiler is available, or
 path, which computes the same values (tests compare both on random shapes).
 
 Outputs larger than 8 MiB are advised to use transparent huge pages (``STRASSENKIT_HUGEPAGES=0`` turns
-that off); outputs larger than 32 MiB are written with streaming stores.
+that off); outputs larger than 4 MiB are written with streaming stores.
 
     strassenkit native        # build now and print where (python -m strassenkit native)
 """
