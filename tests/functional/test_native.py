@@ -364,6 +364,20 @@ def test_native_bmm_matches_torch_bmm(dtype):
 
 
 @requires_native
+@pytest.mark.parametrize("r", [1, 3, 7])
+def test_native_bmm_splits_gemms_into_row_blocks_when_few_ranks(r):
+    # With 2 threads, r < 8 ranks are cut into row blocks (pieces of >= 64 rows) so that no thread idles
+    # at the end; every block must land in its own rows, and reruns must be bitwise equal.
+    gen = torch.Generator().manual_seed(r)
+    a, b = _randn(gen, torch.float32, r, 200, 17), _randn(gen, torch.float32, r, 17, 9)
+    with _threads(2):
+        out = torch.ops.strassenkit_native.bmm(a, b)
+        again = torch.ops.strassenkit_native.bmm(a, b)
+    _assert_close(out, torch.bmm(a.double(), b.double()), TOL[torch.float32], f"bmm r={r}, row blocks")
+    assert torch.equal(out, again)
+
+
+@requires_native
 def test_native_bmm_multithreaded_with_grad_operands():
     x = torch.randn(8, 16)
     w_hat = torch.randn(4, 4, 4, requires_grad=True)  # rank 4 > 1: the r GEMMs go to both threads

@@ -13,9 +13,9 @@
 // Why: encode and decode are GEMMs with a tiny inner dimension (n*m or r) over millions of columns,
 // preceded/followed by a strided tile permutation. BLAS runs them far below peak and barely scales
 // across threads. Here the columns of the bmm layout (tile row, tile column) are cut into chunks of
-// kChunk; every thread owns a slice of chunks, gathers each chunk's tiles into an L1 buffer (vector
-// shuffles for float 4-wide tiles), runs a register-blocked micro-kernel, and writes straight into the
-// destination layout, so x and y are read/written exactly once. The r core GEMMs scale
+// kChunk; threads take slices of chunks from a shared queue (see WorkQueue), gather each chunk's
+// tiles into an L1 buffer (vector shuffles for float 4-wide tiles), run a register-blocked
+// micro-kernel, and write straight into the destination layout, so x and y are read/written exactly once. The r core GEMMs scale
 // better as r independent single-threaded GEMMs than as one multi-threaded bmm on few cores.
 //
 // Portable C++ with GCC/Clang vector extensions (32-byte vectors; AVX2+FMA when compiled with
@@ -28,6 +28,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -193,19 +194,58 @@ void small_gemm_nt(const T* G, int64_t ldg, int R, const T* X, int64_t ldx, int 
   }
 }
 
-// Run fn(part, chunk_begin, chunk_end) over `parts` contiguous slices of [0, chunks) in parallel.
+// Work sharing. A static split (one slice per thread) waits for the slowest thread, and on a shared
+// VM one vCPU is often stalled for milliseconds. Instead work is cut into more pieces than threads and
+// every worker takes the next piece from a shared counter, so a stalled thread just takes fewer.
+// Pieces have fixed boundaries, so per-piece partial results (and thus sums in piece order) do not
+// depend on which thread ran them: results stay deterministic.
+class WorkQueue {
+ public:
+  explicit WorkQueue(int64_t pieces) : pieces_(pieces) {}
+  // Next piece index, or -1 when all have been handed out.
+  int64_t take() {
+    const int64_t i = next_.fetch_add(1, std::memory_order_relaxed);
+    return i < pieces_ ? i : -1;
+  }
+
+ private:
+  std::atomic<int64_t> next_{0};
+  const int64_t pieces_;
+};
+
+// Run worker() on up to `workers` threads of ATen's pool (inline when workers == 1). Each worker
+// drains the shared WorkQueue it captured; worker-local buffers are set up once per call of worker().
+// Worker threads start with default thread-local state: carry the caller's (below autograd inside the
+// custom op, grad mode, ...) so that ATen ops on operands that require grad are legal there too.
 template <typename F>
-void parallel_slices(int64_t chunks, int64_t parts, const F& fn) {
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) fn(p, chunks * p / parts, chunks * (p + 1) / parts);
+void run_workers(int64_t workers, const F& worker) {
+  if (workers <= 1) {
+    worker();
+    return;
+  }
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    at::ThreadLocalStateGuard guard(caller_state);
+    for (int64_t w = w0; w < w1; ++w) worker();
   });
 }
 
-int64_t num_parts(int64_t chunks, int64_t macs_per_chunk) {
-  // Enough work per thread that the parallel region pays off (~256k multiply-adds minimum).
+// Chunk k of [0, chunks) cut into `pieces` slices: slice i is [chunks*i/pieces, chunks*(i+1)/pieces).
+inline int64_t slice_begin(int64_t chunks, int64_t pieces, int64_t i) { return chunks * i / pieces; }
+
+struct Split {
+  int64_t workers, pieces;
+};
+
+// Workers: enough work per thread that the parallel region pays off (~256k multiply-adds minimum).
+// Pieces: up to 8 per worker (dynamic balance), each still at least ~64k multiply-adds.
+Split split_chunks(int64_t chunks, int64_t macs_per_chunk) {
   const int64_t threads = at::get_num_threads();
-  const int64_t by_work = std::max<int64_t>(1, chunks * macs_per_chunk / 262144);
-  return std::max<int64_t>(1, std::min({threads, chunks, by_work}));
+  const int64_t macs = chunks * macs_per_chunk;
+  const int64_t workers = std::max<int64_t>(1, std::min({threads, chunks, macs / 262144}));
+  if (workers == 1) return {1, 1};
+  const int64_t pieces = std::max<int64_t>(workers, std::min({8 * workers, chunks, macs / 65536}));
+  return {workers, pieces};
 }
 
 // Ask for transparent huge pages on a fresh output buffer before it is first touched: a large
@@ -401,33 +441,37 @@ void encode_impl(const T* x, const TileGrid& g, int64_t B, const T* E, int r, T*
   const int J = g.n * g.w;
   const int64_t Q = B * g.Mt * g.Ct;  // columns of the bmm layout; also the stride between ranks
   const int64_t chunks = (Q + CB - 1) / CB;
-  const int64_t parts = num_parts(chunks, int64_t(CB) * r * J);
-  std::vector<vec_t<T>> partial(genc ? parts * r * J : 0, vec_t<T>{});
+  const Split split = split_chunks(chunks, int64_t(CB) * r * J);
+  std::vector<vec_t<T>> partial(genc ? split.pieces * r * J : 0, vec_t<T>{});  // one per piece
   const bool stream = out && size_t(r) * Q * sizeof(T) >= kStreamBytes;
-  parallel_slices(chunks, parts, [&](int64_t part, int64_t k0, int64_t k1) {
+  WorkQueue queue(split.pieces);
+  run_workers(split.workers, [&] {
     std::vector<T> buf(J * CB), obuf(r * CB), gbuf(G ? r * CB : 0);
-    vec_t<T>* acc = genc ? partial.data() + part * r * J : nullptr;
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t q0 = k * CB;
-      const int len = static_cast<int>(std::min<int64_t>(CB, Q - q0));
-      const int cols = round_cols<T>(len);
-      if (k + 2 < k1) prefetch_tiles(x, g, q0 + 2 * CB, Q);
-      gather_tiles(x, g, q0, len, cols, buf.data());
-      if (out) {
-        small_gemm(E, r, J, buf.data(), CB, obuf.data(), CB, cols);
-        store_rows(obuf.data(), r, len, out + q0, Q, stream);
-      }
-      if (G) {
-        load_rows(G + q0, Q, r, len, cols, gbuf.data(), k + 2 < k1 ? 2 * CB : 0);
-        small_gemm_nt(gbuf.data(), CB, r, buf.data(), CB, J, cols, acc);
+    for (int64_t i; (i = queue.take()) >= 0;) {
+      vec_t<T>* acc = genc ? partial.data() + i * r * J : nullptr;
+      const int64_t k1 = slice_begin(chunks, split.pieces, i + 1);
+      for (int64_t k = slice_begin(chunks, split.pieces, i); k < k1; ++k) {
+        const int64_t q0 = k * CB;
+        const int len = static_cast<int>(std::min<int64_t>(CB, Q - q0));
+        const int cols = round_cols<T>(len);
+        if (k + 2 < k1) prefetch_tiles(x, g, q0 + 2 * CB, Q);
+        gather_tiles(x, g, q0, len, cols, buf.data());
+        if (out) {
+          small_gemm(E, r, J, buf.data(), CB, obuf.data(), CB, cols);
+          store_rows(obuf.data(), r, len, out + q0, Q, stream);
+        }
+        if (G) {
+          load_rows(G + q0, Q, r, len, cols, gbuf.data(), k + 2 < k1 ? 2 * CB : 0);
+          small_gemm_nt(gbuf.data(), CB, r, buf.data(), CB, J, cols, acc);
+        }
       }
     }
     stream_fence(stream);
   });
-  if (genc) {  // fixed-order reduction: deterministic for a given thread count
+  if (genc) {  // sum in piece order: deterministic for a given thread count, whichever thread ran a piece
     for (int q = 0; q < r * J; ++q) {
       vec_t<T> s = vec_t<T>{};
-      for (int64_t p = 0; p < parts; ++p) s += partial[p * r * J + q];
+      for (int64_t p = 0; p < split.pieces; ++p) s += partial[p * r * J + q];
       T t = 0;
       for (int w = 0; w < Vec<T>::width; ++w) t += s[w];
       genc[q] = t;
@@ -442,15 +486,20 @@ void decode_impl(const T* P, int r, const TileGrid& g, int64_t B, const T* D, T*
   const int64_t Q = B * g.Mt * g.Ct;
   const int64_t chunks = (Q + CB - 1) / CB;
   const bool stream = size_t(B) * g.M * g.C * sizeof(T) >= kStreamBytes;
-  parallel_slices(chunks, num_parts(chunks, int64_t(CB) * r * R), [&](int64_t, int64_t k0, int64_t k1) {
+  const Split split = split_chunks(chunks, int64_t(CB) * r * R);
+  WorkQueue queue(split.pieces);
+  run_workers(split.workers, [&] {
     std::vector<T> buf(r * CB), obuf(R * CB);
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t q0 = k * CB;
-      const int len = static_cast<int>(std::min<int64_t>(CB, Q - q0));
-      const int cols = round_cols<T>(len);
-      load_rows(P + q0, Q, r, len, cols, buf.data(), k + 2 < k1 ? 2 * CB : 0);
-      small_gemm(D, R, r, buf.data(), CB, obuf.data(), CB, cols);
-      scatter_tiles(obuf.data(), g, q0, len, y, stream);
+    for (int64_t i; (i = queue.take()) >= 0;) {
+      const int64_t k1 = slice_begin(chunks, split.pieces, i + 1);
+      for (int64_t k = slice_begin(chunks, split.pieces, i); k < k1; ++k) {
+        const int64_t q0 = k * CB;
+        const int len = static_cast<int>(std::min<int64_t>(CB, Q - q0));
+        const int cols = round_cols<T>(len);
+        load_rows(P + q0, Q, r, len, cols, buf.data(), k + 2 < k1 ? 2 * CB : 0);
+        small_gemm(D, R, r, buf.data(), CB, obuf.data(), CB, cols);
+        scatter_tiles(obuf.data(), g, q0, len, y, stream);
+      }
     }
     stream_fence(stream);
   });
@@ -516,15 +565,19 @@ at::Tensor bmm(const at::Tensor& a, const at::Tensor& b) {
   const int64_t r = a.size(0);
   at::Tensor out = at::empty({r, a.size(1), b.size(2)}, a.options());
   advise_huge(out);
-  // Each GEMM runs inside the parallel region, where ATen/MKL use a single thread.
-  // Worker threads start with default thread-local state; carry the caller's (below autograd inside
-  // the custom op, grad mode, ...) so that mm_out on operands that require grad is legal there too.
-  const at::ThreadLocalState caller_state;
-  at::parallel_for(0, r, 1, [&](int64_t l0, int64_t l1) {
-    at::ThreadLocalStateGuard guard(caller_state);
-    for (int64_t l = l0; l < l1; ++l) {
-      auto o = out.select(0, l);
-      at::mm_out(o, a.select(0, l), b.select(0, l));
+  // Pieces are whole GEMMs (rank l), or row blocks of them when r alone would leave threads idle at
+  // the end (e.g. r = 7 on 2 threads: 14 half GEMMs); a worker takes the next piece when done. Each
+  // GEMM runs inside the parallel region, where ATen/MKL use a single thread.
+  const int64_t threads = at::get_num_threads(), X = a.size(1);
+  const int64_t rows_split = std::clamp<int64_t>((4 * threads + r - 1) / r, 1, std::max<int64_t>(1, X / 64));
+  const int64_t pieces = r * rows_split;
+  WorkQueue queue(pieces);
+  run_workers(std::min(threads, pieces), [&] {
+    for (int64_t i; (i = queue.take()) >= 0;) {
+      const int64_t l = i / rows_split, part = i % rows_split;
+      const int64_t x0 = X * part / rows_split, x1 = X * (part + 1) / rows_split;
+      auto o = out.select(0, l).slice(0, x0, x1);
+      at::mm_out(o, a.select(0, l).slice(0, x0, x1), b.select(0, l));
     }
   });
   return out;
