@@ -206,6 +206,7 @@ def test_native_decode_matches_torch_backend_and_reference(dtype, data, fmt, r, 
         ((2, 3, 2), 1, 3, 194),   # 65 tile columns: more than one float chunk per tile row
         ((1, 4, 4), 3, 5, 797),   # n = 1, 200 tile columns, rows spanning many chunks
         ((5, 1, 1), 2, 11, 97),   # width-1 tiles
+        ((4, 4, 4), 1, 96, 10666),  # output > 4 MiB: streamed straight from registers; 8-column tail chunk
     ],
 )
 def test_native_encode_decode_fixed_shapes(dtype, fmt, B, M, K):

@@ -100,6 +100,15 @@ inline void store_vec(float* dst, vec_t<float> v, bool stream) {
 #endif
   vstore(dst, v);
 }
+inline void store_vec(double* dst, vec_t<double> v, bool stream) {
+#if defined(__AVX__)
+  if (stream) {
+    _mm256_stream_pd(dst, reinterpret_cast<__m256d>(v));
+    return;
+  }
+#endif
+  vstore(dst, v);
+}
 
 inline void stream_fence(bool stream) {
 #if defined(__AVX__)
@@ -118,8 +127,9 @@ constexpr bool kPrefetch = true;
 template <typename T>
 constexpr int kChunk = 8 * Vec<T>::width;
 
-// out[i*ldo + c] = sum_j A[i*lda + j] * B[j*ldb + c]   for i < RB, c < cols (cols % (2*width) == 0)
-template <typename T, int RB>
+// out[i*ldo + c] = sum_j A[i*lda + j] * B[j*ldb + c]   for i < RB, c < cols (cols % (2*width) == 0).
+// kStream: streaming stores straight to the destination (out and ldo must keep 32-byte alignment).
+template <typename T, int RB, bool kStream = false>
 inline void micro_gemm(const T* A, int64_t lda, int J, const T* B, int64_t ldb, T* out, int64_t ldo, int cols) {
   constexpr int W = Vec<T>::width;
   for (int c = 0; c < cols; c += 2 * W) {
@@ -138,23 +148,23 @@ inline void micro_gemm(const T* A, int64_t lda, int J, const T* B, int64_t ldb, 
       }
     }
     for (int i = 0; i < RB; ++i) {
-      vstore(out + i * ldo + c, acc0[i]);
-      vstore(out + i * ldo + c + W, acc1[i]);
+      store_vec(out + i * ldo + c, acc0[i], kStream);
+      store_vec(out + i * ldo + c + W, acc1[i], kStream);
     }
   }
 }
 
 // out (R x cols, ld ldo) = A (R x J, row-major) @ B (J x cols, ld ldb)
-template <typename T>
+template <typename T, bool kStream = false>
 void small_gemm(const T* A, int R, int J, const T* B, int64_t ldb, T* out, int64_t ldo, int cols) {
   int i = 0;
-  for (; i + 6 <= R; i += 6) micro_gemm<T, 6>(A + i * J, J, J, B, ldb, out + i * ldo, ldo, cols);
+  for (; i + 6 <= R; i += 6) micro_gemm<T, 6, kStream>(A + i * J, J, J, B, ldb, out + i * ldo, ldo, cols);
   switch (R - i) {
-    case 5: micro_gemm<T, 5>(A + i * J, J, J, B, ldb, out + i * ldo, ldo, cols); break;
-    case 4: micro_gemm<T, 4>(A + i * J, J, J, B, ldb, out + i * ldo, ldo, cols); break;
-    case 3: micro_gemm<T, 3>(A + i * J, J, J, B, ldb, out + i * ldo, ldo, cols); break;
-    case 2: micro_gemm<T, 2>(A + i * J, J, J, B, ldb, out + i * ldo, ldo, cols); break;
-    case 1: micro_gemm<T, 1>(A + i * J, J, J, B, ldb, out + i * ldo, ldo, cols); break;
+    case 5: micro_gemm<T, 5, kStream>(A + i * J, J, J, B, ldb, out + i * ldo, ldo, cols); break;
+    case 4: micro_gemm<T, 4, kStream>(A + i * J, J, J, B, ldb, out + i * ldo, ldo, cols); break;
+    case 3: micro_gemm<T, 3, kStream>(A + i * J, J, J, B, ldb, out + i * ldo, ldo, cols); break;
+    case 2: micro_gemm<T, 2, kStream>(A + i * J, J, J, B, ldb, out + i * ldo, ldo, cols); break;
+    case 1: micro_gemm<T, 1, kStream>(A + i * J, J, J, B, ldb, out + i * ldo, ldo, cols); break;
     default: break;
   }
 }
@@ -181,17 +191,17 @@ inline void micro_dot(const T* G, int64_t ldg, const T* X, int64_t ldx, int cols
 // acc (R x J vectors) += G (R x cols, ld ldg) @ X (J x cols, ld ldx)^T, lane-wise
 template <typename T>
 void small_gemm_nt(const T* G, int64_t ldg, int R, const T* X, int64_t ldx, int J, int cols, vec_t<T>* acc) {
+  // 3 x 4 blocks: 12 accumulators + 3 G vectors + 1 X vector fill the 16 AVX registers exactly (a
+  // 4 x 3 block needs 17 and spills); r = 24 and n*m = 16 split into them without remainder.
+  auto row_block = [&](auto lb, int l) {
+    constexpr int LB = decltype(lb)::value;
+    int j = 0;
+    for (; j + 4 <= J; j += 4) micro_dot<T, LB, 4>(G + l * ldg, ldg, X + j * ldx, ldx, cols, acc + l * J + j, J);
+    for (; j < J; ++j) micro_dot<T, LB, 1>(G + l * ldg, ldg, X + j * ldx, ldx, cols, acc + l * J + j, J);
+  };
   int l = 0;
-  for (; l + 4 <= R; l += 4) {
-    int j = 0;
-    for (; j + 3 <= J; j += 3) micro_dot<T, 4, 3>(G + l * ldg, ldg, X + j * ldx, ldx, cols, acc + l * J + j, J);
-    for (; j < J; ++j) micro_dot<T, 4, 1>(G + l * ldg, ldg, X + j * ldx, ldx, cols, acc + l * J + j, J);
-  }
-  for (; l < R; ++l) {
-    int j = 0;
-    for (; j + 3 <= J; j += 3) micro_dot<T, 1, 3>(G + l * ldg, ldg, X + j * ldx, ldx, cols, acc + l * J + j, J);
-    for (; j < J; ++j) micro_dot<T, 1, 1>(G + l * ldg, ldg, X + j * ldx, ldx, cols, acc + l * J + j, J);
-  }
+  for (; l + 3 <= R; l += 3) row_block(std::integral_constant<int, 3>{}, l);
+  for (; l < R; ++l) row_block(std::integral_constant<int, 1>{}, l);
 }
 
 // Work sharing. A static split (one slice per thread) waits for the slowest thread, and on a shared
@@ -444,6 +454,8 @@ void encode_impl(const T* x, const TileGrid& g, int64_t B, const T* E, int r, T*
   const Split split = split_chunks(chunks, int64_t(CB) * r * J);
   std::vector<vec_t<T>> partial(genc ? split.pieces * r * J : 0, vec_t<T>{});  // one per piece
   const bool stream = out && size_t(r) * Q * sizeof(T) >= kStreamBytes;
+  // Rows Q apart stay 32-byte aligned (chunk starts are multiples of CB): no staging copy needed.
+  const bool direct = stream && (Q * sizeof(T)) % 32 == 0 && (reinterpret_cast<uintptr_t>(out) & 31) == 0;
   WorkQueue queue(split.pieces);
   run_workers(split.workers, [&] {
     std::vector<T> buf(J * CB), obuf(r * CB), gbuf(G ? r * CB : 0);
@@ -456,7 +468,9 @@ void encode_impl(const T* x, const TileGrid& g, int64_t B, const T* E, int r, T*
         const int cols = round_cols<T>(len);
         if (k + 2 < k1) prefetch_tiles(x, g, q0 + 2 * CB, Q);
         gather_tiles(x, g, q0, len, cols, buf.data());
-        if (out) {
+        if (out && direct && len == CB) {  // full chunk: stream the results straight from registers
+          small_gemm<T, true>(E, r, J, buf.data(), CB, out + q0, Q, CB);
+        } else if (out) {
           small_gemm(E, r, J, buf.data(), CB, obuf.data(), CB, cols);
           store_rows(obuf.data(), r, len, out + q0, Q, stream);
         }
