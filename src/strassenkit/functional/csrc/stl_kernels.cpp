@@ -178,11 +178,12 @@ inline void micro_dot(const T* G, int64_t ldg, const T* X, int64_t ldx, int cols
   for (int a = 0; a < LB; ++a)
     for (int b = 0; b < JB; ++b) s[a][b] = acc[a * J + b];
   for (int c = 0; c < cols; c += W) {
-    vec_t<T> g[LB], x[JB];
+    vec_t<T> g[LB];
     for (int a = 0; a < LB; ++a) g[a] = vload(G + a * ldg + c);
-    for (int b = 0; b < JB; ++b) x[b] = vload(X + b * ldx + c);
-    for (int a = 0; a < LB; ++a)
-      for (int b = 0; b < JB; ++b) s[a][b] += g[a] * x[b];
+    for (int b = 0; b < JB; ++b) {  // one X vector at a time: LB*JB + LB + 1 registers
+      const vec_t<T> xb = vload(X + b * ldx + c);
+      for (int a = 0; a < LB; ++a) s[a][b] += g[a] * xb;
+    }
   }
   for (int a = 0; a < LB; ++a)
     for (int b = 0; b < JB; ++b) acc[a * J + b] = s[a][b];
