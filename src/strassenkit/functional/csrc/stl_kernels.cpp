@@ -426,15 +426,20 @@ constexpr int round_cols(int len) {
 // The r rows of one chunk in the bmm layout lie Q elements apart; Q*sizeof(T) is often a multiple
 // of 4 KiB (e.g. 4 MiB at 4096^2), so they all map to the same L1/L2 cache sets and evict each other
 // when a micro-kernel walks them repeatedly. Copy them once into / out of a contiguous L1 buffer.
+// r strided streams are more than the hardware prefetchers track: prefetch `ahead` elements on
+// (the chunk after next) by hand, every line of every row.
 template <typename T>
-inline void load_rows(const T* src, int64_t Q, int rows, int len, int cols, T* buf, int64_t ahead = 0) {
+inline void prefetch_rows(const T* src, int64_t Q, int rows, int64_t ahead) {
   constexpr int CB = kChunk<T>;
   constexpr int kLine = 64 / sizeof(T);
-  // r strided streams are more than the hardware prefetchers track: prefetch `ahead` elements on
-  // (the chunk after next) by hand, every line of every row.
   if (kPrefetch && ahead > 0)
     for (int l = 0; l < rows; ++l)
       for (int c = 0; c < CB; c += kLine) __builtin_prefetch(src + l * Q + ahead + c, 0, 0);
+}
+template <typename T>
+inline void load_rows(const T* src, int64_t Q, int rows, int len, int cols, T* buf, int64_t ahead = 0) {
+  constexpr int CB = kChunk<T>;
+  prefetch_rows(src, Q, rows, ahead);
   for (int l = 0; l < rows; ++l) {
     std::memcpy(buf + l * CB, src + l * Q, len * sizeof(T));
     std::fill(buf + l * CB + len, buf + l * CB + cols, T(0));
@@ -475,7 +480,10 @@ void encode_impl(const T* x, const TileGrid& g, int64_t B, const T* E, int r, T*
           small_gemm(E, r, J, buf.data(), CB, obuf.data(), CB, cols);
           store_rows(obuf.data(), r, len, out + q0, Q, stream);
         }
-        if (G) {
+        if (G && len == CB) {  // full chunk: read G in place (3 rows at a time do not thrash L1)
+          prefetch_rows(G + q0, Q, r, k + 2 < k1 ? 2 * CB : 0);
+          small_gemm_nt(G + q0, Q, r, buf.data(), CB, J, CB, acc);
+        } else if (G) {
           load_rows(G + q0, Q, r, len, cols, gbuf.data(), k + 2 < k1 ? 2 * CB : 0);
           small_gemm_nt(gbuf.data(), CB, r, buf.data(), CB, J, cols, acc);
         }
