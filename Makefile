@@ -28,7 +28,7 @@ test: $(STAMP)
 # THP_MEM_ALLOC_ENABLE=1: PyTorch's own switch for transparent huge pages on large CPU tensors; it
 # saves page faults for dense and STL alike (the STL kernels also request huge pages for their outputs).
 bench: $(STAMP)
-	THP_MEM_ALLOC_ENABLE=1 $(PY) -m strassenkit bench --kernels native,torch
+	THP_MEM_ALLOC_ENABLE=1 $(PY) -m strassenkit bench --kernels native --malloc default,retain
 
 clean:
 	rm -rf $(VENV) .pytest_cache

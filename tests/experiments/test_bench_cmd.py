@@ -101,3 +101,27 @@ def test_runs_option_repeats_rows_and_summarizes(tmp_path, monkeypatch):
     assert [r["run"] for r in data["rows"]] == [0, 1]
     md = (tmp_path / "bench_quick.md").read_text()
     assert "Across the 2 runs" in md and "--runs 2" in md
+
+
+def test_malloc_option_times_each_setting_and_restores_the_allocator(tmp_path, monkeypatch):
+    from strassenkit import runtime
+
+    monkeypatch.setattr(bench, "QUICK_SETS", {"square": [(32, 32, 32, ("float32",), (1,))]})
+    args = argparse.Namespace(
+        quick=True, sets=None, modes="forward", threads=None, repeats=1, tile=4, rank=24, out=str(tmp_path),
+        malloc="default,retain",
+    )
+    assert bench.run(args) == 0
+    data = json.loads((tmp_path / "bench_quick.json").read_text())
+    assert [r["malloc"] for r in data["rows"]] == ["default", "retain"]
+    assert "--malloc default,retain" in data["command"]
+    assert "| retain |" in (tmp_path / "bench_quick.md").read_text()
+    assert not runtime.freed_memory_retained()  # the bench leaves the process as it found it
+
+
+def test_bad_malloc_option_rejected(tmp_path):
+    args = argparse.Namespace(
+        quick=True, sets=None, modes="forward", threads=None, repeats=1, tile=4, rank=24, out=str(tmp_path), malloc="jemalloc"
+    )
+    with pytest.raises(SystemExit, match="malloc"):
+        bench.run(args)

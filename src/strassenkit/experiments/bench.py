@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ..functional.ops import _bmm, active_backend, backend, compute_dtype, native_low_precision
 from ..functional.stl import stl_apply
+from ..runtime import retain_freed_memory
 
 __all__ = ["SHAPE_SETS", "QUICK_SETS", "BenchRow", "bench_row", "run_bench", "add_arguments", "run"]
 
@@ -91,6 +92,7 @@ class BenchRow:
     speedup_min: float | None = None  # min / max over repeats of dense_i / stl_i (same repeat)
     speedup_max: float | None = None
     run: int = 0  # index of the pass over the shape sets (--runs)
+    malloc: str = "default"  # "retain": freed memory kept in the process (strassenkit.runtime), for dense and STL
 
 
 def _interleaved(fns: list, repeats: int, warmup: int) -> list[list[float]]:
@@ -229,7 +231,8 @@ def _break_even(rows: list[BenchRow]) -> dict:
         for mode in ("forward", "train"):
             best: dict[int, float] = {}
             for r in rows:
-                if r.set == "square" and r.dtype == dtype and r.mode == mode and r.kernels == rows[0].kernels and r.run == 0:
+                if (r.set == "square" and r.dtype == dtype and r.mode == mode and r.kernels == rows[0].kernels
+                        and r.malloc == rows[0].malloc and r.run == 0):
                     best[r.M] = max(best.get(r.M, 0.0), r.speedup)
             if not best:
                 continue
@@ -247,16 +250,18 @@ def _break_even(rows: list[BenchRow]) -> dict:
 
 def run_bench(
     sets: dict, modes=("forward", "train"), tile=4, rank=24, repeats=5, threads=None, progress=True, kernels=("auto",),
-    runs=1,
+    runs=1, mallocs=("default",),
 ):
-    """Run every row of ``sets`` once per entry of ``kernels``, ``runs`` times over; returns (rows, info).
+    """Run every row of ``sets`` once per entry of ``kernels`` and ``mallocs``, ``runs`` times over.
 
-    ``threads`` overrides the per-row thread counts.
+    Returns (rows, info). ``threads`` overrides the per-row thread counts. ``mallocs``: "default" (glibc
+    as configured at start-up) and/or "retain" (:func:`strassenkit.runtime.retain_freed_memory`, which
+    applies to dense and STL alike); the setting is switched before each row that needs another one.
     """
     from tqdm import tqdm
 
     jobs = [
-        (name, M, K, N, dtype, mode, th, kern, run)
+        (name, M, K, N, dtype, mode, th, kern, run, mem)
         for run in range(runs)
         for name, shapes in sets.items()
         for M, K, N, dtypes, ths in shapes
@@ -264,15 +269,23 @@ def run_bench(
         for mode in modes
         for th in threads or ths
         for kern in kernels
+        for mem in mallocs
     ]
     info = _machine_info()
     rows = []
+    current = "default"  # the allocator is only touched when "retain" is asked for
     for job in tqdm(jobs, desc="bench", disable=not progress):
-        name, M, K, N, dtype, mode, th, kern, run = job
+        name, M, K, N, dtype, mode, th, kern, run, mem = job
+        if mem != current:
+            if not retain_freed_memory(mem == "retain"):
+                raise RuntimeError("--malloc retain needs glibc's mallopt, which this system does not have")
+            current = mem
         big = M * K * N >= 2**36
         row = bench_row(name, M, K, N, dtype, mode, th, tile, rank, repeats=max(3, repeats - 2) if big else repeats, kernels=kern)
-        row.run = run
+        row.run, row.malloc = run, mem
         rows.append(row)
+    if current != "default":
+        retain_freed_memory(False)
     info["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     info["break_even"] = _break_even(rows)
     return rows, info
@@ -292,6 +305,10 @@ def _markdown(rows: list[BenchRow], info: dict, command: str) -> str:
         f"- THP_MEM_ALLOC_ENABLE={info.get('THP_MEM_ALLOC_ENABLE', 'unset')} (PyTorch's transparent-huge-page "
         "switch for large CPU tensors; `make bench` sets it to 1 so dense outputs get huge pages too: the STL "
         "native kernels request them for their own outputs either way)",
+        "- malloc: `default` = glibc's default thresholds (every large tensor is a fresh mmap, faulted in and zeroed on first "
+        "touch); `retain` = freed memory kept in the process (`strassenkit.runtime.retain_freed_memory`, what a "
+        "caching allocator such as tcmalloc/jemalloc does; PyTorch's `torch.backends.xeon.run_cpu` launcher preloads "
+        "one by default). The setting applies to dense and STL alike",
         "- kernels: `native` = the C++ STL kernels (strassenkit.functional.native), `torch` = the pure-PyTorch "
         "fallback; dense is always `F.linear`",
         "- t=4, r=24 tiles (4x4 row tiles grouped inside sequences of 64 rows); median of repeats after warm-up",
@@ -304,12 +321,12 @@ def _markdown(rows: list[BenchRow], info: dict, command: str) -> str:
         "Break-even (square shapes, best thread count): "
         + "; ".join(f"{k}: {v}" for k, v in info["break_even"].items()),
         "",
-        "| run | set | M x K x N | dtype (compute) | mode | threads | kernels | dense ms | STL ms | speedup | flop bound | bmm bound | outside core | vs dense in compute dtype |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | set | M x K x N | dtype (compute) | mode | threads | kernels | malloc | dense ms | STL ms | speedup | flop bound | bmm bound | outside core | vs dense in compute dtype |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.run} | {r.set} | {r.M}x{r.K}x{r.N} | {r.dtype} ({r.compute_dtype}) | {r.mode} | {r.threads} | {r.kernels} | "
+            f"| {r.run} | {r.set} | {r.M}x{r.K}x{r.N} | {r.dtype} ({r.compute_dtype}) | {r.mode} | {r.threads} | {r.kernels} | {r.malloc} | "
             f"{r.dense_ms:.1f} | {r.stl_ms:.1f} | **{r.speedup:.2f}x**{_spread(r)} | {r.flop_bound:.2f} | {r.bmm_bound:.2f} | "
             f"{100 * r.outside_core_share:.0f}% | "
             + (f"{r.speedup_vs_upcast:.2f}x ({r.dense_upcast_ms:.1f} ms) |" if r.speedup_vs_upcast else "- |")
@@ -317,10 +334,12 @@ def _markdown(rows: list[BenchRow], info: dict, command: str) -> str:
     runs = sorted({r.run for r in rows})
     if len(runs) > 1:
         lines += ["", f"Across the {len(runs)} runs (speedup per run, then the median):", "",
-                  "| set | M x K x N | dtype | mode | threads | kernels | speedups | median |", "|---|---|---|---|---|---|---|---|"]
+                  "| set | M x K x N | dtype | mode | threads | kernels | malloc | speedups | median |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         groups: dict[tuple, list[float]] = {}
         for r in rows:
-            groups.setdefault((r.set, f"{r.M}x{r.K}x{r.N}", r.dtype, r.mode, r.threads, r.kernels), []).append(r.speedup)
+            key = (r.set, f"{r.M}x{r.K}x{r.N}", r.dtype, r.mode, r.threads, r.kernels, r.malloc)
+            groups.setdefault(key, []).append(r.speedup)
         for key, sp in groups.items():
             lines.append("| " + " | ".join(str(k) for k in key) + f" | {', '.join(f'{v:.2f}' for v in sp)} | "
                          f"**{statistics.median(sp):.2f}x** |")
@@ -335,7 +354,7 @@ def _best_threads(rows: list[BenchRow]) -> list[BenchRow]:
     """For every (set, shape, dtype, mode, kernels), the row of the thread count with the best speedup."""
     best: dict[tuple, BenchRow] = {}
     for r in rows:
-        key = (r.set, r.M, r.K, r.N, r.dtype, r.mode, r.kernels, r.run)
+        key = (r.set, r.M, r.K, r.N, r.dtype, r.mode, r.kernels, r.malloc, r.run)
         if key not in best or r.speedup > best[key].speedup:
             best[key] = r
     return list(best.values())
@@ -357,18 +376,19 @@ def _plot(rows: list[BenchRow], path: Path) -> None:
     for r in sorted(rows, key=lambda r: r.M * r.K * r.N):
         if r.speedup_vs_upcast is not None:
             continue
-        key = (r.mode, r.kernels)
+        key = (r.mode, r.kernels, r.malloc)
         color = colors.setdefault(key, f"C{len(colors)}")
         ax.errorbar(
             r.M * r.K * r.N, r.speedup,
             yerr=[[r.speedup - (r.speedup_min or r.speedup)], [(r.speedup_max or r.speedup) - r.speedup]],
             fmt=markers.get(r.set, "x"), color=color, alpha=0.8, ms=6, capsize=2,
         )
-    for (mode, kern), color in colors.items():
-        sq = sorted((r for r in rows if r.set == "square" and r.speedup_vs_upcast is None and (r.mode, r.kernels) == (mode, kern)),
-                    key=lambda r: r.M)
+    several_mallocs = len({r.malloc for r in rows}) > 1
+    for (mode, kern, mem), color in colors.items():
+        sq = sorted((r for r in rows if r.set == "square" and r.speedup_vs_upcast is None
+                     and (r.mode, r.kernels, r.malloc) == (mode, kern, mem)), key=lambda r: r.M)
         ax.plot([r.M * r.K * r.N for r in sq], [r.speedup for r in sq], "-" if mode == "forward" else "--", color=color,
-                label=f"{mode}, {kern} kernels")
+                label=f"{mode}, {kern} kernels" + (f", malloc {mem}" if several_mallocs else ""))
     for name, mk in markers.items():
         if any(r.set == name for r in rows):
             ax.plot([], [], mk, color="gray", label=name)
@@ -382,11 +402,11 @@ def _plot(rows: list[BenchRow], path: Path) -> None:
     ax.legend(fontsize=7)
     if low:
         ax = axes[0][1]
-        for kern in sorted({r.kernels for r in low}):
+        for kern, mem in sorted({(r.kernels, r.malloc) for r in low}):
             for mode in ("forward", "train"):
-                rs = sorted((r for r in low if r.kernels == kern and r.mode == mode), key=lambda r: r.M * r.K * r.N)
+                rs = sorted((r for r in low if (r.kernels, r.malloc, r.mode) == (kern, mem, mode)), key=lambda r: r.M * r.K * r.N)
                 ax.plot([r.M * r.K * r.N for r in rs], [r.speedup_vs_upcast for r in rs],
-                        "o-" if mode == "forward" else "s--", label=f"{mode}, {kern} kernels")
+                        "o-" if mode == "forward" else "s--", label=f"{mode}, {kern} kernels, malloc {mem}")
         ax.axhline(1.0, color="k", lw=1)
         ax.set_xscale("log")
         ax.set_xlabel("dense MACs (M*K*N)")
@@ -408,6 +428,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kernels", default="auto",
         help="STL kernels to time, comma-separated from auto,native,torch (e.g. native,torch to compare)",
+    )
+    parser.add_argument(
+        "--malloc", default="default",
+        help="allocator settings to time, comma-separated from default,retain (retain: freed memory kept in the "
+             "process, see strassenkit.runtime; for dense and STL alike)",
     )
     parser.add_argument("--runs", type=int, default=1, help="passes over all rows (run-to-run spread)")
     parser.add_argument("--tile", type=int, default=4)
@@ -436,7 +461,11 @@ def run(args: argparse.Namespace) -> int:
     runs = getattr(args, "runs", 1)
     if runs < 1:
         raise SystemExit("--runs must be >= 1")
-    rows, info = run_bench(pool, modes, args.tile, args.rank, args.repeats, threads, kernels=kernels, runs=runs)
+    mallocs = tuple(s.strip() for s in getattr(args, "malloc", "default").split(",") if s.strip())
+    if not mallocs or any(m not in ("default", "retain") for m in mallocs):
+        raise SystemExit(f"--malloc must be a comma-separated subset of default,retain, got {args.malloc!r}")
+    rows, info = run_bench(pool, modes, args.tile, args.rank, args.repeats, threads, kernels=kernels, runs=runs,
+                           mallocs=mallocs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = getattr(args, "name", "bench") or "bench"
@@ -450,6 +479,8 @@ def run(args: argparse.Namespace) -> int:
         cmd += f" --threads {args.threads}"
     if getattr(args, "kernels", "auto") != "auto":
         cmd += f" --kernels {args.kernels}"
+    if mallocs != ("default",):
+        cmd += f" --malloc {','.join(mallocs)}"
     if runs > 1:
         cmd += f" --runs {runs}"
     payload = {"command": cmd, "tile": args.tile, "rank": args.rank, "machine": info, "rows": [asdict(r) for r in rows]}

@@ -440,6 +440,12 @@ template <typename T>
 inline void load_rows(const T* src, int64_t Q, int rows, int len, int cols, T* buf, int64_t ahead = 0) {
   constexpr int CB = kChunk<T>;
   prefetch_rows(src, Q, rows, ahead);
+  if (len == CB) {  // full chunk: fixed-size vector copies, no memcpy call per row
+    constexpr int W = Vec<T>::width;
+    for (int l = 0; l < rows; ++l)
+      for (int c = 0; c < CB; c += W) vstore(buf + l * CB + c, vload(src + l * Q + c));
+    return;
+  }
   for (int l = 0; l < rows; ++l) {
     std::memcpy(buf + l * CB, src + l * Q, len * sizeof(T));
     std::fill(buf + l * CB + len, buf + l * CB + cols, T(0));
