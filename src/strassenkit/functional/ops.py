@@ -14,7 +14,7 @@ gradients that reach x_hat or prod are ignored.
 
 Kernels: float32/float64 on CPU use the native C++ kernels of ``csrc/stl_kernels.cpp`` (see
 :mod:`.native`: compiled once per machine; tile gather + encode and decode + tile scatter fused in one
-pass over cache-sized column chunks, threads over chunks; the r core GEMMs split across threads, each
+pass over cache-sized column chunks, threads take slices of chunks from a shared queue; the r core GEMMs likewise, each
 single-threaded). Everything else, or ``backend("torch")``, or ``STRASSENKIT_NATIVE=0``, uses the
 pure-PyTorch helpers below; both compute the same values (tests compare them).
 

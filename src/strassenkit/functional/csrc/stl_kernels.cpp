@@ -91,22 +91,19 @@ inline void copy_out(T* dst, const T* src, int len, bool stream) {
   std::memcpy(dst, src, len * sizeof(T));
 }
 
-inline void store_vec(float* dst, vec_t<float> v, bool stream) {
+template <typename T>
+inline void store_vec(T* dst, vec_t<T> v, bool stream) {
 #if defined(__AVX__)
   if (stream) {
-    _mm256_stream_ps(dst, reinterpret_cast<__m256>(v));
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_stream_ps(dst, reinterpret_cast<__m256>(v));
+    } else {
+      _mm256_stream_pd(dst, reinterpret_cast<__m256d>(v));
+    }
     return;
   }
 #endif
-  vstore(dst, v);
-}
-inline void store_vec(double* dst, vec_t<double> v, bool stream) {
-#if defined(__AVX__)
-  if (stream) {
-    _mm256_stream_pd(dst, reinterpret_cast<__m256d>(v));
-    return;
-  }
-#endif
+  (void)stream;
   vstore(dst, v);
 }
 
