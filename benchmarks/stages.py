@@ -1,6 +1,6 @@
 """Where STL forward time goes for one shape: encode, core bmm, decode vs dense F.linear.
 
-    python benchmarks/stages.py 4096 4096 4096 --threads 2
+    python benchmarks/stages.py 4096 4096 4096 --threads 2 [--retain-memory]
 """
 
 import argparse
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from strassenkit.functional import ops
 from strassenkit.functional.stl import stl_apply
+from strassenkit.runtime import retain_freed_memory
 
 
 def main() -> None:
@@ -24,8 +25,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--retain-memory", action="store_true",
+                    help="keep freed memory in the process (strassenkit.runtime.retain_freed_memory)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.retain_memory:
+        retain_freed_memory()
     dt = getattr(torch, a.dtype)
     t, r = a.tile, a.rank
     L = 64 if a.M % 64 == 0 else a.M
@@ -55,7 +60,8 @@ def main() -> None:
                 f()
                 times[k].append(time.perf_counter() - t0)
     dense = statistics.median(times["dense F.linear"])
-    print(f"M={a.M} K={a.K} N={a.N} t={t} r={r} {a.dtype} (compute {cdt}) threads={a.threads} kernels={ops.active_backend(cdt)}")
+    print(f"M={a.M} K={a.K} N={a.N} t={t} r={r} {a.dtype} (compute {cdt}) threads={a.threads} kernels={ops.active_backend(cdt)} "
+          f"malloc={'retain' if a.retain_memory else 'default'}")
     for k, v in times.items():
         med = statistics.median(v)
         print(f"{k:20s} {med * 1e3:9.2f} ms   dense/this = {dense / med:5.2f}")
