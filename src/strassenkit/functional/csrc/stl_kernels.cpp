@@ -15,8 +15,9 @@
 // across threads. Here the columns of the bmm layout (tile row, tile column) are cut into chunks of
 // kChunk; threads take slices of chunks from a shared queue (see WorkQueue), gather each chunk's
 // tiles into an L1 buffer (vector shuffles for float 4-wide tiles), run a register-blocked
-// micro-kernel, and write straight into the destination layout, so x and y are read/written exactly once. The r core GEMMs scale
-// better as r independent single-threaded GEMMs than as one multi-threaded bmm on few cores.
+// micro-kernel, and write straight into the destination layout, so x and y are read/written exactly
+// once. The r core GEMMs scale better as r independent single-threaded GEMMs (taken from a queue too)
+// than as one multi-threaded bmm on few cores.
 //
 // Portable C++ with GCC/Clang vector extensions (32-byte vectors; AVX2+FMA when compiled with
 // -mavx2 -mfma, SSE pairs otherwise). The pure-PyTorch path in ops.py computes the same thing and
