@@ -254,8 +254,8 @@ def run_bench(
 ):
     """Run every row of ``sets`` once per entry of ``kernels`` and ``mallocs``, ``runs`` times over.
 
-    Returns (rows, info). ``threads`` overrides the per-row thread counts. ``mallocs``: "default" (glibc
-    as configured at start-up) and/or "retain" (:func:`strassenkit.runtime.retain_freed_memory`, which
+    Returns (rows, info). ``threads`` overrides the per-row thread counts. ``mallocs``: "default" (glibc's
+    default thresholds) and/or "retain" (:func:`strassenkit.runtime.retain_freed_memory`, which
     applies to dense and STL alike); the setting is switched before each row that needs another one.
     """
     from tqdm import tqdm
@@ -274,18 +274,20 @@ def run_bench(
     info = _machine_info()
     rows = []
     current = "default"  # the allocator is only touched when "retain" is asked for
-    for job in tqdm(jobs, desc="bench", disable=not progress):
-        name, M, K, N, dtype, mode, th, kern, run, mem = job
-        if mem != current:
-            if not retain_freed_memory(mem == "retain"):
-                raise RuntimeError("--malloc retain needs glibc's mallopt, which this system does not have")
-            current = mem
-        big = M * K * N >= 2**36
-        row = bench_row(name, M, K, N, dtype, mode, th, tile, rank, repeats=max(3, repeats - 2) if big else repeats, kernels=kern)
-        row.run, row.malloc = run, mem
-        rows.append(row)
-    if current != "default":
-        retain_freed_memory(False)
+    try:
+        for job in tqdm(jobs, desc="bench", disable=not progress):
+            name, M, K, N, dtype, mode, th, kern, run, mem = job
+            if mem != current:
+                if not retain_freed_memory(mem == "retain"):
+                    raise RuntimeError("--malloc retain needs glibc's mallopt, which this system does not have")
+                current = mem
+            big = M * K * N >= 2**36
+            row = bench_row(name, M, K, N, dtype, mode, th, tile, rank, repeats=max(3, repeats - 2) if big else repeats, kernels=kern)
+            row.run, row.malloc = run, mem
+            rows.append(row)
+    finally:  # leave the allocator as the bench found it, also when a row fails
+        if current != "default":
+            retain_freed_memory(False)
     info["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     info["break_even"] = _break_even(rows)
     return rows, info
