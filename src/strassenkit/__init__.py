@@ -1,15 +1,15 @@
 """strassenkit: learnable fast bilinear operators (Strassen-Tile, StrassenNets) for PyTorch.
 
 Layers (bottom to top): ``algorithms`` <- ``functional`` <- ``nn`` <- ``surgery`` <- ``train``
-<- ``experiments`` / ``cli``; ``cost`` reads layers and never changes them.
+<- ``cli`` / ``commands``; ``cost`` reads layers and never changes them. See ARCHITECTURE.md.
 """
 
-from . import algorithms, functional
+from . import algorithms, cost, functional, nn, runtime, surgery, train
 from .nn import STLinear
 from .nn import SPNBilinear, SPNConv2d, SPNLinear, set_phase
 from .surgery import SPNConfig, STLConfig, calibrate_, densify_, inspect_targets, strassenify_
 
 __version__ = "0.1.0"
 
-__all__ = ["algorithms", "functional", "STLinear", "SPNBilinear", "SPNLinear", "SPNConv2d", "set_phase", "__version__",
+__all__ = ["algorithms", "functional", "nn", "surgery", "train", "cost", "runtime", "STLinear", "SPNBilinear", "SPNLinear", "SPNConv2d", "set_phase", "__version__",
            "strassenify_", "inspect_targets", "calibrate_", "densify_", "STLConfig", "SPNConfig"]

@@ -23,9 +23,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .nn.stlinear import STLinear
+from .nn import SPNBilinear, SPNConv2d, SPNLinear, SPNModule, STLinear
 
-__all__ = ["LayerCost", "CostReport", "count", "register_counter", "matrix_op_cost"]
+__all__ = ["LayerCost", "CostReport", "count", "register_counter", "counter_for", "matrix_op_cost"]
 
 
 @dataclass
@@ -112,7 +112,8 @@ def register_counter(module_type: type):
     return deco
 
 
-def _counter_for(module: nn.Module):
+def counter_for(module: nn.Module):
+    """The registered cost counter for ``module``'s type (or a base class), or None."""
     for klass in type(module).__mro__:
         if klass in _COUNTERS:
             return _COUNTERS[klass]
@@ -133,7 +134,7 @@ def count(model: nn.Module, *example_inputs, **example_kwargs) -> CostReport:
         return hook
 
     for name, module in model.named_modules():
-        fn = _counter_for(module)
+        fn = counter_for(module)
         if fn is not None:
             handles.append(module.register_forward_hook(make_hook(name, fn)))
     try:
@@ -221,7 +222,6 @@ def _conv2d_cost(module: nn.Conv2d, inputs, output) -> LayerCost:
 # - scales: per-tensor scales (and the per-unit scale of an eval-mode normalization) are folded into
 #   a_hat once per forward pass (r multiplications each, independent of the batch); a per-channel
 #   decoder scale multiplies every output (N per position); the normalization shift adds r per position.
-from .nn.spn import SPNBilinear, SPNConv2d, SPNLinear, SPNModule  # noqa: E402
 
 
 def _spn_matrix(module: SPNModule, name: str, rows_first) -> tuple[torch.Tensor, list]:

@@ -14,7 +14,7 @@ from strassenkit.algorithms.approximate import (
     sandwich,
     truncate_algorithm,
 )
-from strassenkit.algorithms.init import approximation_families
+from strassenkit.algorithms import families as approximation_families
 from strassenkit.nn import STLinear
 
 

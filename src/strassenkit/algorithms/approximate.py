@@ -52,7 +52,7 @@ Families (each also registered for ``STLinear(..., init=<family>)``):
     The same encoders with the decoder refitted by least squares against the tensor (the optimal decoder
     for these encoders; 0.746 at r=24).
 ``random``
-    The variance-preserving Gaussian baseline (:func:`strassenkit.algorithms.init.random_algorithm`).
+    The variance-preserving Gaussian baseline (:func:`strassenkit.algorithms.families.random_algorithm`).
 
 Seeds: ``als`` uses the seed for its restarts. ``truncate`` and ``polynomial`` are constructions; seed 0
 gives the canonical one and seed s > 0 applies a random signed-permutation "sandwich" symmetry
@@ -66,27 +66,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 
+from .._utils import cache_dir, check_int
 from .bilinear import BilinearAlgorithm, matmul_tensor
 from .catalogue import available, get, schoolbook
-from .init import register_family, random_algorithm
+from .families import build_family, families, register_family
 
 __all__ = [
     "approximate",
-    "FAMILIES",
     "als_decomposition",
     "truncate_algorithm",
     "polynomial_algorithm",
     "cp_als",
     "relative_squared_residual",
     "sandwich",
-    "cache_dir",
+    "khatri_rao",
+    "balance",
 ]
 
-FAMILIES = ("als", "truncate", "polynomial", "polynomial_ls", "random")
 _CACHE_VERSION = 1
 
 
@@ -98,12 +97,12 @@ def relative_squared_residual(U: np.ndarray, V: np.ndarray, W: np.ndarray, n: in
     return float(np.sum((T - R) ** 2) / np.sum(T**2))
 
 
-def _khatri_rao(B: np.ndarray, C: np.ndarray) -> np.ndarray:
+def khatri_rao(B: np.ndarray, C: np.ndarray) -> np.ndarray:
     """Column-wise Kronecker product, rows indexed (b, c) row-major: shape (B.rows * C.rows, r)."""
     return (B[:, None, :] * C[None, :, :]).reshape(-1, B.shape[1])
 
 
-def _balance(U, V, W):
+def balance(U, V, W):
     """Rescale each product so that ||u_r|| = ||v_r|| = ||w_r|| (the represented tensor is unchanged)."""
     nu, nv, nw = (np.linalg.norm(X, axis=0) for X in (U, V, W))
     g = np.cbrt(nu * nv * nw)
@@ -112,16 +111,9 @@ def _balance(U, V, W):
     return U * su, V * sv, W * sw
 
 
-def cache_dir() -> Path:
-    """Directory of the on-disk cache: ``$STRASSENKIT_CACHE`` or ``~/.cache/strassenkit``."""
-    root = os.environ.get("STRASSENKIT_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "strassenkit"
-
-
 def _check_format(n, m, p, rank):
     for label, v in (("row_tile", n), ("tile", m), ("tile", p), ("rank", rank)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{label} must be an integer >= 1, got {v!r}")
+        check_int(label, v)
 
 
 # --------------------------------------------------------------------------- ALS
@@ -156,17 +148,17 @@ def cp_als(
         U, V, W = (np.array(x, dtype=np.float64) for x in init)
     eye = np.eye(rank)
     for s in range(sweeps):
-        U, V, W = _balance(U, V, W)
-        U = np.linalg.solve((V.T @ V) * (W.T @ W) + lam * eye, (T1 @ _khatri_rao(V, W)).T).T
-        V = np.linalg.solve((U.T @ U) * (W.T @ W) + lam * eye, (T2 @ _khatri_rao(U, W)).T).T
-        W = np.linalg.solve((U.T @ U) * (V.T @ V) + lam * eye, (T3 @ _khatri_rao(U, V)).T).T
+        U, V, W = balance(U, V, W)
+        U = np.linalg.solve((V.T @ V) * (W.T @ W) + lam * eye, (T1 @ khatri_rao(V, W)).T).T
+        V = np.linalg.solve((U.T @ U) * (W.T @ W) + lam * eye, (T2 @ khatri_rao(U, W)).T).T
+        W = np.linalg.solve((U.T @ U) * (V.T @ V) + lam * eye, (T3 @ khatri_rao(U, V)).T).T
         lam = max(lam * decay, lam_min)
         if abandon is not None and s + 1 == abandon[0]:
-            err = float(np.sum((T3 - W @ _khatri_rao(U, V).T) ** 2)) / norm2
+            err = float(np.sum((T3 - W @ khatri_rao(U, V).T) ** 2)) / norm2
             if err > abandon[1]:
                 return U, V, W, err
-    U, V, W = _balance(U, V, W)
-    err = float(np.sum((T3 - W @ _khatri_rao(U, V).T) ** 2)) / norm2
+    U, V, W = balance(U, V, W)
+    err = float(np.sum((T3 - W @ khatri_rao(U, V).T) ** 2)) / norm2
     return U, V, W, err
 
 
@@ -337,7 +329,7 @@ def _backward_eliminate(atoms: np.ndarray, M: np.ndarray, keep: int, ridge: floa
 def _refit_decoder(U, V, n, m, p) -> np.ndarray:
     """Least-squares decoder W (np, r) for fixed encoders: minimizes ||T - sum u (x) v (x) w||_F."""
     T = matmul_tensor(n, m, p).astype(np.float64).reshape(n * m * m * p, n * p)
-    A = _khatri_rao(np.asarray(U, float), np.asarray(V, float))
+    A = khatri_rao(np.asarray(U, float), np.asarray(V, float))
     Wt, *_ = np.linalg.lstsq(A, T, rcond=None)
     return Wt.T
 
@@ -370,14 +362,14 @@ def truncate_algorithm(n: int, m: int, p: int, rank: int, seed: int = 0) -> Bili
         best = None
         for a in schemes:
             Uf, Vf = np.asarray(a.U, float), np.asarray(a.V, float)
-            idx = _backward_eliminate(_khatri_rao(Uf, Vf), T, rank)
+            idx = _backward_eliminate(khatri_rao(Uf, Vf), T, rank)
             U, V = Uf[:, idx], Vf[:, idx]
             W = _refit_decoder(U, V, n, m, p)
             err = relative_squared_residual(U, V, W, n, m, p)
             if best is None or err < best[0] - 1e-12:
                 best = (err, U, V, W, a.name)
         err, U, V, W, base = best
-        U, V, W = _balance(U, V, W)
+        U, V, W = balance(U, V, W)
         alg = BilinearAlgorithm(n, m, p, U, V, W, name="truncate",
                                 source=f"{base} truncated to {rank} products by backward elimination, LS decoder",
                                 meta={"base": base})
@@ -496,7 +488,7 @@ def polynomial_algorithm(n: int, m: int, p: int, rank: int, seed: int = 0, decod
         W = _refit_decoder(U, V, n, m, p)
     else:
         raise ValueError(f"decoder must be 'interp' or 'ls', got {decoder!r}")
-    U, V, W = _balance(U, V, W)
+    U, V, W = balance(U, V, W)
     alg = BilinearAlgorithm(
         n, m, p, U, V, W, name="polynomial",
         source=f"polynomial multiplication: entangled exponents, {N}-point real DFT, frequencies {[f for f, _ in plan]}",
@@ -512,7 +504,8 @@ def approximate(family: str, tile: int = 4, rank: int = 24, seed: int = 0, row_t
                 **kwargs) -> BilinearAlgorithm:
     """An approximate (or, where possible, exact) algorithm for <row_tile, tile, tile> with ``rank`` products.
 
-    family: "als", "truncate", "polynomial", "polynomial_ls", "random", or "exact:<catalogue name>" (rank must match).
+    family: a registered init family (:func:`strassenkit.algorithms.families`: "als", "truncate",
+    "polynomial", "polynomial_ls", "random", ...) or "exact:<catalogue name>" (rank must match).
     Returns a BilinearAlgorithm with U (row_tile*tile, rank), V (tile*tile, rank), W (row_tile*tile, rank);
     ``alg.meta["rel_sq_residual"]`` is the relative squared tensor residual. Extra keyword arguments go
     to the family (e.g. ``restarts=`` for als).
@@ -531,24 +524,18 @@ def approximate(family: str, tile: int = 4, rank: int = 24, seed: int = 0, row_t
                 f"match it (tile={alg.m}, row_tile={alg.n}, rank={alg.rank})"
             )
         return alg
-    if key == "als":
-        return als_decomposition(n, m, p, rank, seed, **kwargs)
-    if key == "truncate":
-        return truncate_algorithm(n, m, p, rank, seed)
-    if key == "polynomial":
-        return polynomial_algorithm(n, m, p, rank, seed)
-    if key == "polynomial_ls":
-        return polynomial_algorithm(n, m, p, rank, seed, decoder="ls")
-    if key == "random":
-        alg = random_algorithm(n, m, p, rank, seed)
-        alg.meta.update(_residual_meta(alg, "random", seed))
-        return alg
-    raise ValueError(f"unknown family {family!r}; choose one of {list(FAMILIES)} or 'exact:<name>' ({available()})")
+    if key not in families():
+        raise ValueError(f"unknown family {family!r}; choose one of {families()} or 'exact:<name>' ({available()})")
+    alg = build_family(key, n, m, p, rank, seed, **kwargs)
+    if "rel_sq_residual" not in alg.meta:
+        alg.meta.update(_residual_meta(alg, key, seed))
+    return alg
 
 
+# --------------------------------------------------------------------------- the registered families
 @register_family("als")
-def _als_family(n, m, p, rank, seed):
-    return als_decomposition(n, m, p, rank, seed)
+def _als_family(n, m, p, rank, seed, **options):
+    return als_decomposition(n, m, p, rank, seed, **options)
 
 
 @register_family("truncate")

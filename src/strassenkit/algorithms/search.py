@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .approximate import _balance, _khatri_rao
+from .approximate import balance, khatri_rao
 from .bilinear import BilinearAlgorithm, matmul_tensor
 
 __all__ = ["search", "search_attempt", "attempt_rng", "search_stats", "exact_decoder", "save_algorithm", "load_algorithm"]
@@ -103,7 +103,7 @@ def search_attempt(
     W = rng.normal(size=(c, rank)) / np.sqrt(c)
 
     def err(U, V, W):
-        return float(np.sum((T3 - W @ _khatri_rao(U, V).T) ** 2))
+        return float(np.sum((T3 - W @ khatri_rao(U, V).T) ** 2))
 
     try:
         U, V, W, e = _als_phase(T1, T2, T3, U, V, W, eye, als_sweeps, decay, err, give_up)
@@ -120,10 +120,10 @@ def search_attempt(
 def _als_phase(T1, T2, T3, U, V, W, eye, als_sweeps, decay, err, give_up):
     lam, e = 1e-2, np.inf
     for s in range(als_sweeps):
-        U, V, W = _balance(U, V, W)
-        U = np.linalg.solve((V.T @ V) * (W.T @ W) + lam * eye, (T1 @ _khatri_rao(V, W)).T).T
-        V = np.linalg.solve((U.T @ U) * (W.T @ W) + lam * eye, (T2 @ _khatri_rao(U, W)).T).T
-        W = np.linalg.solve((U.T @ U) * (V.T @ V) + lam * eye, (T3 @ _khatri_rao(U, V)).T).T
+        U, V, W = balance(U, V, W)
+        U = np.linalg.solve((V.T @ V) * (W.T @ W) + lam * eye, (T1 @ khatri_rao(V, W)).T).T
+        V = np.linalg.solve((U.T @ U) * (W.T @ W) + lam * eye, (T2 @ khatri_rao(U, W)).T).T
+        W = np.linalg.solve((U.T @ U) * (V.T @ V) + lam * eye, (T3 @ khatri_rao(U, V)).T).T
         lam = max(lam * decay, 1e-12)
         if s % 25 == 24:
             e = err(U, V, W)
@@ -142,9 +142,9 @@ def _round_phase(T, T1, T2, T3, U, V, W, n, m, p, rank, round_sweeps, err):
         sv = np.abs(V).max(0)
         su, sv = np.where(su > 0, su, 1.0), np.where(sv > 0, sv, 1.0)
         U, V, W = U / su, V / sv, W * (su * sv)
-        U = np.linalg.solve((V.T @ V) * (W.T @ W) + mu * eye, (T1 @ _khatri_rao(V, W)).T + mu * np.round(U).T).T
-        V = np.linalg.solve((U.T @ U) * (W.T @ W) + mu * eye, (T2 @ _khatri_rao(U, W)).T + mu * np.round(V).T).T
-        W = np.linalg.solve((U.T @ U) * (V.T @ V) + mu * eye, (T3 @ _khatri_rao(U, V)).T + mu * np.round(W).T).T
+        U = np.linalg.solve((V.T @ V) * (W.T @ W) + mu * eye, (T1 @ khatri_rao(V, W)).T + mu * np.round(U).T).T
+        V = np.linalg.solve((U.T @ U) * (W.T @ W) + mu * eye, (T2 @ khatri_rao(U, W)).T + mu * np.round(V).T).T
+        W = np.linalg.solve((U.T @ U) * (V.T @ V) + mu * eye, (T3 @ khatri_rao(U, V)).T + mu * np.round(W).T).T
         mu = min(mu * 1.02, 10.0)
         if s % 10 == 9:
             Ur, Vr, Wr = np.round(U), np.round(V), np.round(W)
@@ -260,11 +260,11 @@ def shipped_algorithms() -> list[Path]:
 
 def _register_shipped() -> None:
     """Register every shipped JSON algorithm in the catalogue under its stored name (loaded lazily)."""
-    from .catalogue import _REGISTRY, register
+    from .catalogue import available, register
 
     for path in shipped_algorithms():
         name = json.loads(path.read_text())["name"].lower()
-        if name not in _REGISTRY:
+        if name not in available():
             register(name)(lambda path=path: load_algorithm(path))
 
 

@@ -1,5 +1,17 @@
-"""Pure functions: the STL operator (``stl``) and, later, the sum-product network math (``spn``)."""
+"""Pure functions: the STL operator (``stl``) and the StrassenNets sum-product network math (``spn``).
 
+Every fast path has a readable reference beside it (``*_reference``); tests compare them in float64.
+"""
+
+from .spn import (
+    spn_bilinear,
+    spn_bilinear_reference,
+    spn_conv2d,
+    spn_conv2d_reference,
+    spn_conv_geometry,
+    spn_linear,
+    spn_linear_reference,
+)
 from .stl import (
     stl_apply,
     stl_apply_reference,
@@ -16,4 +28,11 @@ __all__ = [
     "stl_encode_weight_reference",
     "stl_matmul",
     "tile_format",
+    "spn_bilinear",
+    "spn_bilinear_reference",
+    "spn_linear",
+    "spn_linear_reference",
+    "spn_conv2d",
+    "spn_conv2d_reference",
+    "spn_conv_geometry",
 ]

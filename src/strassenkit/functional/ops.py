@@ -47,13 +47,10 @@ import functools
 import torch
 from torch import Tensor
 
+from .._utils import ceil_div, pad_last2
 from . import native
 
-__all__ = ["stl_forward", "compute_dtype", "native_low_precision", "backend", "active_backend"]
-
-
-def _ceil(a: int, b: int) -> int:
-    return -(-a // b)
+__all__ = ["stl_forward", "bmm", "compute_dtype", "native_low_precision", "backend", "active_backend"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,7 +105,7 @@ def _native_for(t: Tensor) -> bool:
     return active_backend(t.dtype, t.device.type) == "native"
 
 
-def _bmm(a: Tensor, b: Tensor) -> Tensor:
+def bmm(a: Tensor, b: Tensor) -> Tensor:
     """Batched matmul; natively the r GEMMs are split across threads, each GEMM single-threaded."""
     if _native_for(a) and torch.get_num_threads() > 1:
         return torch.ops.strassenkit_native.bmm(a, b)
@@ -123,13 +120,6 @@ def _bmm(a: Tensor, b: Tensor) -> Tensor:
 # final (B, M, N) layout while hot. Measured on a 2-core AVX2 EPYC: ~25-40 % less time for these
 # passes than one whole-tensor permute-copy + one GEMM, with one thread (see _blocks for more).
 _CHUNK_COLS = 8192
-
-
-def _padded(x: Tensor, rows: int, cols: int) -> Tensor:
-    pr, pc = rows - x.shape[-2], cols - x.shape[-1]
-    if pr or pc:
-        x = torch.nn.functional.pad(x, (0, pc, 0, pr))
-    return x
 
 
 def _blocks(rows: int, cols_per_row: int):
@@ -162,7 +152,7 @@ def _encode(x: Tensor, enc: Tensor, n: int, m: int, Mt: int, Kt: int, wgrad_of: 
         return out, (genc if wgrad_of is not None else None)
     B = x.shape[0]
     r = enc.shape[0]
-    x5 = _padded(x, Mt * n, Kt * m).reshape(B * Mt, n, Kt, m)
+    x5 = pad_last2(x, Mt * n, Kt * m).reshape(B * Mt, n, Kt, m)
     out = x.new_empty((r, B * Mt, Kt))
     genc = x.new_zeros((r, n * m)) if wgrad_of is not None else None
     enc = enc.t().contiguous().t()  # column-major encoder: measurably faster skinny GEMM in MKL
@@ -181,7 +171,7 @@ def _tiles_wgrad(x: Tensor, g: Tensor, n: int, m: int, Mt: int, Kt: int) -> Tens
         return torch.ops.strassenkit_native.encode(x, unused_enc, n, m, Mt, Kt, False, g.contiguous())[1]
     B = x.shape[0]
     r = g.shape[0]
-    x5 = _padded(x, Mt * n, Kt * m).reshape(B * Mt, n, Kt, m)
+    x5 = pad_last2(x, Mt * n, Kt * m).reshape(B * Mt, n, Kt, m)
     out = x.new_zeros((r, n * m))
     for s, e in _blocks(B * Mt, Kt):
         out.addmm_(g[:, s:e].reshape(r, (e - s) * Kt), _tile_block(x5, s, e).t())
@@ -206,10 +196,10 @@ def _decode(P: Tensor, dec: Tensor, n: int, p: int, B: int, Mt: int, M: int, N: 
 def _forward_impl(x, w_hat, enc_x, dec, n, m, p, out_features):
     B, M, K = x.shape
     r, Kt, Nt = w_hat.shape
-    Mt = _ceil(M, n)
+    Mt = ceil_div(M, n)
     cdt = compute_dtype(x.dtype, x.device.type)
     x_hat, _ = _encode(x.to(cdt), enc_x.to(cdt), n, m, Mt, Kt)
-    prod = _bmm(x_hat, w_hat.to(cdt))
+    prod = bmm(x_hat, w_hat.to(cdt))
     y = _decode(prod, dec.to(cdt), n, p, B, Mt, M, out_features)
     return y.to(x.dtype), x_hat, prod
 
@@ -223,9 +213,9 @@ def stl_forward_plain(x, w_hat, enc_x, dec, n: int, m: int, p: int, out_features
     """
     B, M, K = x.shape
     r, Kt, Nt = w_hat.shape
-    Mt = _ceil(M, n)
+    Mt = ceil_div(M, n)
     cdt = compute_dtype(x.dtype, x.device.type)
-    xt = _padded(x.to(cdt), Mt * n, Kt * m).reshape(B, Mt, n, Kt, m).permute(2, 4, 0, 1, 3).reshape(n * m, -1)
+    xt = pad_last2(x.to(cdt), Mt * n, Kt * m).reshape(B, Mt, n, Kt, m).permute(2, 4, 0, 1, 3).reshape(n * m, -1)
     x_hat = (enc_x.to(cdt) @ xt).view(r, B * Mt, Kt)
     prod = torch.bmm(x_hat, w_hat.to(cdt))
     yt = dec.to(cdt) @ prod.view(r, B * Mt * Nt)
@@ -284,7 +274,7 @@ def _backward(ctx, grad_y, _grad_xhat, _grad_prod):
     need_x, need_w, need_e, need_d = ctx.needs_input_grad[:4]
     B, M, K = x.shape
     r, Kt, Nt = w_hat.shape
-    Mt = _ceil(M, n)
+    Mt = ceil_div(M, n)
     cdt = x_hat.dtype
     gx = gw = ge = gd = None
     # g_prod = dec^T-encode of grad_y; grad_dec = sum over tiles of prod x tiles(grad_y)^T, transposed
@@ -292,9 +282,9 @@ def _backward(ctx, grad_y, _grad_xhat, _grad_prod):
     if need_d:
         gd = gdT.t().to(dec.dtype)
     if need_w:
-        gw = _bmm(x_hat.transpose(1, 2), g_prod).to(w_hat.dtype)
+        gw = bmm(x_hat.transpose(1, 2), g_prod).to(w_hat.dtype)
     if need_x or need_e:
-        g_xhat = _bmm(g_prod, w_hat.to(cdt).transpose(1, 2))
+        g_xhat = bmm(g_prod, w_hat.to(cdt).transpose(1, 2))
         if need_x:
             gx = _decode(g_xhat, enc_x.to(cdt).t(), n, m, B, Mt, M, K).to(x.dtype)
         if need_e:

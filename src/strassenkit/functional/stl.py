@@ -24,9 +24,9 @@ pure-PyTorch ops otherwise). Tests check one against the other.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..algorithms import BilinearAlgorithm
+from .._utils import ceil_div, pad_last2
 from . import ops as _ops
 
 __all__ = [
@@ -67,17 +67,6 @@ def _check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a floating-point tensor (float32/float64/bfloat16), got {t.dtype}; cast it with .float()")
 
 
-def _ceil(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pad_last2(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    pr, pc = rows - x.shape[-2], cols - x.shape[-1]
-    if pr or pc:
-        x = F.pad(x, (0, pc, 0, pr))
-    return x
-
-
 # --------------------------------------------------------------------------- weight encoding
 def stl_encode_weight(w: torch.Tensor, enc_w: torch.Tensor, tile) -> torch.Tensor:
     """Encode a dense weight w (K, N) into w_hat (r, ceil(K/m), ceil(N/p)) with E_w (r, m*p)."""
@@ -88,8 +77,8 @@ def stl_encode_weight(w: torch.Tensor, enc_w: torch.Tensor, tile) -> torch.Tenso
     if enc_w.dim() != 2 or enc_w.shape[1] != m * p:
         raise ValueError(f"enc_w must have shape (rank, {m * p}) for {m}x{p} weight tiles, got {tuple(enc_w.shape)}")
     K, N = w.shape
-    Kt, Nt = _ceil(K, m), _ceil(N, p)
-    w = _pad_last2(w, Kt * m, Nt * p)
+    Kt, Nt = ceil_div(K, m), ceil_div(N, p)
+    w = pad_last2(w, Kt * m, Nt * p)
     tiles = w.reshape(Kt, m, Nt, p).permute(1, 3, 0, 2).reshape(m * p, Kt * Nt)
     return (enc_w.to(w.dtype) @ tiles).reshape(-1, Kt, Nt)
 
@@ -98,8 +87,8 @@ def stl_encode_weight_reference(w: torch.Tensor, enc_w: torch.Tensor, tile) -> t
     """Slow, readable version of :func:`stl_encode_weight` (einsum over explicit tiles)."""
     n, m, p = (tile, tile, tile) if isinstance(tile, int) else tuple(tile)
     K, N = w.shape
-    Kt, Nt = _ceil(K, m), _ceil(N, p)
-    w = _pad_last2(w, Kt * m, Nt * p)
+    Kt, Nt = ceil_div(K, m), ceil_div(N, p)
+    w = pad_last2(w, Kt * m, Nt * p)
     tiles = w.reshape(Kt, m, Nt, p)  # [c, j, b, k]
     return torch.einsum("ljk,cjbk->lcb", enc_w.to(w.dtype).reshape(-1, m, p), tiles)
 
@@ -112,7 +101,7 @@ def _check_apply(x, w_hat, enc_x, dec, tile):
     if x.dim() < 2:
         raise ValueError(f"x must have at least 2 dims (..., M, K), got shape {tuple(x.shape)}")
     r = enc_x.shape[0]
-    Kt = _ceil(x.shape[-1], m)
+    Kt = ceil_div(x.shape[-1], m)
     if w_hat.dim() != 3 or w_hat.shape[0] != r or w_hat.shape[1] != Kt:
         raise ValueError(
             f"w_hat must have shape (rank={r}, ceil(K/{m})={Kt}, N/{p}) for x with K={x.shape[-1]}, "
@@ -169,8 +158,8 @@ def stl_apply_reference(x, w_hat, enc_x, dec, tile, out_features=None):
     r, Kt, Nt = w_hat.shape
     lead, (M, K) = x.shape[:-2], x.shape[-2:]
     N = out_features if out_features is not None else Nt * p
-    Mt = _ceil(M, n)
-    xp = _pad_last2(x, Mt * n, Kt * m)
+    Mt = ceil_div(M, n)
+    xp = pad_last2(x, Mt * n, Kt * m)
     xt = xp.reshape(*lead, Mt, n, Kt, m)  # [..., a, i, c, j]
     x_hat = torch.einsum("lij,...aicj->...lac", enc_x.to(x.dtype).reshape(r, n, m), xt)
     prod = torch.einsum("...lac,lcb->...lab", x_hat, w_hat.to(x.dtype))

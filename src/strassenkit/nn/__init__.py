@@ -1,7 +1,9 @@
-"""nn.Module layers built on :mod:`strassenkit.functional`."""
+"""nn.Module layers built on :mod:`strassenkit.functional`; each layer owns its conversion to and from dense."""
 
 from .stlinear import STLinear
-from .spn import SPNBilinear, SPNConv2d, SPNLinear
+from .spn import PHASES, SPNBilinear, SPNConv2d, SPNLinear, SPNModule
 from .phase import export_ternary, import_ternary, set_phase
+from .quantize import ternarize_fixed, ternarize_twn
 
-__all__ = ["STLinear", "SPNBilinear", "SPNLinear", "SPNConv2d", "set_phase", "export_ternary", "import_ternary"]
+__all__ = ["STLinear", "SPNModule", "SPNBilinear", "SPNLinear", "SPNConv2d", "PHASES", "set_phase", "export_ternary",
+           "import_ternary", "ternarize_fixed", "ternarize_twn"]

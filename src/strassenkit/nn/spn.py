@@ -26,18 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._utils import check_int
 from ..functional.spn import pair, spn_bilinear, spn_conv2d, spn_conv_geometry, spn_linear
 from .quantize import TernaryQuantizer
 
 __all__ = ["PHASES", "SPNModule", "SPNBilinear", "SPNLinear", "SPNConv2d", "DensePatchConv2d"]
 
 PHASES: tuple[str, ...] = ("full", "ternary", "ternary_b", "ternary_c", "frozen")
-
-
-def _posint(v, name):
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    return v
 
 
 def _make_quantizer(q) -> TernaryQuantizer:
@@ -146,7 +141,7 @@ class SPNBilinear(SPNModule):
     def __init__(self, in_a: int, in_b: int, out: int, rank: int, quantizer="twn", device=None, dtype=None):
         super().__init__()
         for n, v in (("in_a", in_a), ("in_b", in_b), ("out", out), ("rank", rank)):
-            _posint(v, n)
+            check_int(n, v)
         self.in_a, self.in_b, self.out, self.rank = in_a, in_b, out, rank
         kw = dict(device=device, dtype=dtype)
         self.w_a = nn.Parameter(torch.randn(rank, in_a, **kw) / math.sqrt(in_a))
@@ -192,7 +187,7 @@ class SPNLinear(SPNModule):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, norm=None, quantizer="twn", device=None, dtype=None):
         super().__init__()
         for n, v in (("in_features", in_features), ("out_features", out_features), ("rank", rank)):
-            _posint(v, n)
+            check_int(n, v)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         kw = dict(device=device, dtype=dtype)
         self.w_b = nn.Parameter(torch.randn(rank, in_features, **kw) / math.sqrt(in_features))
@@ -229,7 +224,7 @@ class SPNLinear(SPNModule):
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         N, K = linear.weight.shape
-        rank = min(N, K) if rank is None else _posint(rank, "rank")
+        rank = min(N, K) if rank is None else check_int("rank", rank)
         w = linear.weight.detach()
         mod = cls(K, N, rank, bias=linear.bias is not None, quantizer=quantizer, device=w.device, dtype=w.dtype)
         wb, a, wc = _svd_factors(w.double(), rank, seed)
@@ -343,7 +338,7 @@ class SPNConv2d(SPNModule):
         if rank is None:
             raise ValueError("rank is required: the number of hidden channels (multiplications per output patch)")
         for n, v in (("in_channels", in_channels), ("out_channels", out_channels), ("rank", rank), ("groups", groups)):
-            _posint(v, n)
+            check_int(n, v)
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.stride = pair(stride, "stride")
         self.out_patch = pair(out_patch, "out_patch")
@@ -461,7 +456,7 @@ class SPNConv2d(SPNModule):
         qh, qw = pair(out_patch, "out_patch")
         wh, ww = (qh - 1) * sh + kh, (qw - 1) * sw + kw
         full_rg = min(og * qh * qw, cg * wh * ww)
-        rank = g * full_rg if rank is None else _posint(rank, "rank")
+        rank = g * full_rg if rank is None else check_int("rank", rank)
         if rank % g:
             raise ValueError(f"rank={rank} must be divisible by groups={g}")
         w = conv.weight.detach()

@@ -18,8 +18,8 @@ import math
 import torch
 from torch import nn
 
-from ..algorithms import BilinearAlgorithm
-from ..algorithms.init import resolve_init
+from .._utils import ceil_div, check_int
+from ..algorithms import BilinearAlgorithm, exact_algorithm, resolve
 from ..functional.stl import stl_apply, stl_encode_weight
 
 __all__ = ["STLinear"]
@@ -53,21 +53,19 @@ class STLinear(nn.Module):
     ):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features), ("tile", tile), ("rank", rank)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            check_int(name, v)
+        check_int("row_tile", row_tile, allow_none=True)
         row_tile = tile if row_tile is None else row_tile
-        if not isinstance(row_tile, int) or row_tile < 1:
-            raise ValueError(f"row_tile must be an integer >= 1 (or None for row_tile=tile), got {row_tile!r}")
         self.in_features, self.out_features = in_features, out_features
         self.tile, self.row_tile, self.rank = tile, row_tile, rank
-        alg = resolve_init(init, row_tile, tile, tile, rank, seed)
+        alg = resolve(init, row_tile, tile, tile, rank, seed)
         self.init_name = alg.name
         factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
         enc_x, enc_w, dec = (t.to(**factory) for t in alg.stl_matrices())
         self.enc_x = nn.Parameter(enc_x)
         self.dec = nn.Parameter(dec)
         self.register_buffer("enc_w", enc_w)
-        kt, nt = math.ceil(in_features / tile), math.ceil(out_features / tile)
+        kt, nt = ceil_div(in_features, tile), ceil_div(out_features, tile)
         self.w_hat = nn.Parameter(torch.empty(rank, kt, nt, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.reset_parameters()
@@ -118,15 +116,8 @@ class STLinear(nn.Module):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         if not torch.isfinite(linear.weight).all() or (linear.bias is not None and not torch.isfinite(linear.bias).all()):
             raise ValueError("linear has NaN or infinite weights or bias; cannot convert a broken layer")
-        alg = init
-        if isinstance(init, str):
-            from ..algorithms.init import approximation_families
-
-            if init.strip().lower() not in approximation_families():
-                from ..algorithms import get
-
-                alg = get(init)
-        if isinstance(alg, BilinearAlgorithm):
+        alg = exact_algorithm(init)  # None for a family such as "random"
+        if alg is not None:
             if alg.m != alg.p:
                 raise ValueError(f"STLinear needs square weight tiles (m == p), got algorithm format {alg.format}")
             tile, rank, row_tile = tile or alg.m, rank or alg.rank, row_tile or alg.n
@@ -135,7 +126,7 @@ class STLinear(nn.Module):
         w = linear.weight
         layer = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None, tile=tile, rank=rank,
-            init=alg, row_tile=row_tile, seed=seed, device=w.device, dtype=w.dtype,
+            init=init if alg is None else alg, row_tile=row_tile, seed=seed, device=w.device, dtype=w.dtype,
         )
         layer.load_dense_weight(w.detach())
         if linear.bias is not None:
@@ -159,6 +150,32 @@ class STLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.squeeze(0) if squeeze else y
+
+    @property
+    def has_dense_equivalent(self) -> bool:
+        """True when the layer is a per-row linear map (``row_tile == 1``), so :meth:`to_dense` exists."""
+        return self.row_tile == 1
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Linear:
+        """The nn.Linear with the same outputs (``row_tile == 1`` only; a taller tile mixes rows).
+
+        The weight is read off by applying the layer to the identity in float64.
+        """
+        if not self.has_dense_equivalent:
+            raise ValueError(
+                f"STLinear(row_tile={self.row_tile}) has no dense equivalent: each output row depends on the "
+                f"{self.row_tile} rows of its tile. Only row_tile=1 layers fold back into nn.Linear"
+            )
+        w = self.w_hat
+        eye = torch.eye(self.in_features, dtype=torch.float64, device=w.device).unsqueeze(0)
+        cols = stl_apply(eye, w.double(), self.enc_x.double(), self.dec.double(), self.format,
+                         out_features=self.out_features)[0]
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        lin.weight.copy_(cols.T.to(w.dtype))
+        if self.bias is not None:
+            lin.bias.copy_(self.bias)
+        return lin
 
     @property
     def flop_factor(self) -> float:

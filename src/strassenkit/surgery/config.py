@@ -1,7 +1,7 @@
-"""Versioned conversion configs and the registry that maps a config type to its module transform.
+"""Versioned conversion configs, each with its module transform registered beside it.
 
-A config is a frozen dataclass that says *what* a matched module becomes; ``strassenify_`` decides
-*which* modules are matched. Configs serialize to JSON (``to_dict`` / ``to_json`` /
+A config is a frozen dataclass that says *what* a matched module becomes; :mod:`.targets` decides
+*which* modules are matched and :func:`strassenify_` applies the transforms. Configs serialize to JSON (``to_dict`` / ``to_json`` /
 :func:`config_from_dict` / :func:`config_from_json`) with a ``"type"`` and a ``"version"`` field, so
 a conversion recipe can be stored beside a checkpoint and replayed.
 
@@ -10,6 +10,9 @@ The registry (like torchao's ``quantize_`` configs) maps each config class to a 
 
     @register_transform(MyConfig, (nn.Linear,))
     def _my_transform(module, config, name): ...
+
+:class:`PerModuleConfig` is the config type for per-layer configs: ``{name, suffix or "re:<regex>":
+config or None}`` (like torchao's ``ModuleFqnToConfig``).
 """
 
 from __future__ import annotations
@@ -18,10 +21,17 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
+from torch import nn
+
+from .._utils import check_int
+from ..nn import SPNConv2d, SPNLinear, STLinear
+
 __all__ = [
     "STLConfig",
     "SPNConfig",
+    "PerModuleConfig",
     "register_transform",
+    "is_config",
     "transform_for",
     "supported_types",
     "config_from_dict",
@@ -49,13 +59,6 @@ class _ConfigBase:
         return replace(self, **changes)
 
 
-def _check_int(name, v, lo=1, allow_none=False):
-    if v is None and allow_none:
-        return
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}{' or None' if allow_none else ''}, got {v!r}")
-
-
 @dataclass(frozen=True)
 class STLConfig(_ConfigBase):
     """Replace nn.Linear by :class:`strassenkit.nn.STLinear` (Strassen-Tile).
@@ -81,9 +84,9 @@ class STLConfig(_ConfigBase):
     version: int = 1
 
     def __post_init__(self):
-        _check_int("tile", self.tile)
-        _check_int("rank", self.rank, allow_none=True)
-        _check_int("row_tile", self.row_tile, allow_none=True)
+        check_int("tile", self.tile)
+        check_int("rank", self.rank, allow_none=True)
+        check_int("row_tile", self.row_tile, allow_none=True)
         if not isinstance(self.init, str):
             raise TypeError(f"STLConfig.init must be a string (family or catalogue name), got {type(self.init).__name__}")
         if self.version != self.VERSION:
@@ -126,11 +129,11 @@ class SPNConfig(_ConfigBase):
     def __post_init__(self):
         if self.rank is not None and self.rank_ratio is not None:
             raise ValueError(f"SPNConfig takes at most one of rank= and rank_ratio=, got rank={self.rank!r}, rank_ratio={self.rank_ratio!r}")
-        _check_int("rank", self.rank, allow_none=True)
+        check_int("rank", self.rank, allow_none=True)
         if self.rank_ratio is not None and not (isinstance(self.rank_ratio, (int, float)) and self.rank_ratio > 0):
             raise ValueError(f"rank_ratio must be a positive number, got {self.rank_ratio!r}")
-        _check_int("out_patch", self.out_patch)
-        _check_int("groups", self.groups, allow_none=True)
+        check_int("out_patch", self.out_patch)
+        check_int("groups", self.groups, allow_none=True)
         if self.quantizer not in ("twn", "fixed"):
             raise ValueError(f"quantizer must be 'twn' or 'fixed', got {self.quantizer!r}")
         if self.version != self.VERSION:
@@ -197,6 +200,60 @@ def config_from_json(s: str):
     return config_from_dict(json.loads(s))
 
 
-def _is_config(obj) -> bool:
-    return type(obj) in _TRANSFORMS or isinstance(obj, _ConfigBase)
+def is_config(obj) -> bool:
+    """True for a config that has a registered transform (STLConfig, SPNConfig, or one you registered)."""
+    return type(obj) in _TRANSFORMS or (isinstance(obj, _ConfigBase) and not isinstance(obj, PerModuleConfig))
+
+
+@dataclass(frozen=True)
+class PerModuleConfig:
+    """Per-layer configs: ``{module name, suffix or "re:<regex>": config or None}``.
+
+    An exact module name wins over patterns, then patterns match in insertion order; ``None`` keeps the
+    module as it is. ``strassenify_(model, PerModuleConfig({...}))``; a plain dict passed as ``config``
+    (or as ``targets``) means the same.
+    """
+
+    configs: dict
+
+    def __post_init__(self):
+        if not isinstance(self.configs, dict):
+            raise TypeError(f"PerModuleConfig takes a dict {{name or 're:<regex>': config or None}}, got {type(self.configs).__name__}")
+        for k, v in self.configs.items():
+            if not isinstance(k, str):
+                raise TypeError(f"PerModuleConfig keys must be module names or 're:<regex>' strings, got {k!r}")
+            if v is not None and not is_config(v):
+                raise TypeError(f"PerModuleConfig[{k!r}] must be a config (STLConfig, SPNConfig, ...) or None, got {type(v).__name__}")
+
+
+# ------------------------------------------------------------------ transforms (beside their configs)
+@register_transform(STLConfig, (nn.Linear,))
+def _stl_transform(module: nn.Linear, config: STLConfig, name: str) -> STLinear:
+    layer = STLinear.from_linear(
+        module, init=config.init, tile=config.tile, rank=config.rank, row_tile=config.row_tile, seed=config.seed
+    )
+    if config.keep_dense_weight:
+        layer.register_buffer("dense_weight", module.weight.detach().clone(), persistent=False)
+    return layer
+
+
+@register_transform(SPNConfig, (nn.Linear, nn.Conv2d))
+def _spn_transform(module: nn.Module, config: SPNConfig, name: str) -> nn.Module:
+    if isinstance(module, nn.Linear):
+        new = SPNLinear.from_linear(module, rank=config.rank_for(module.out_features), quantizer=config.quantizer,
+                                    seed=config.seed)
+    else:
+        if config.groups is not None and config.groups != module.groups:
+            raise ValueError(
+                f"{name}: SPNConfig.groups={config.groups} but the conv has groups={module.groups}; SPNConv2d keeps "
+                f"the conv's groups (use groups=None)"
+            )
+        rank = config.rank_for(module.out_channels)
+        if rank is not None and rank % module.groups:
+            rank = max(module.groups, rank // module.groups * module.groups)
+        new = SPNConv2d.from_conv2d(module, rank=rank, out_patch=config.out_patch, quantizer=config.quantizer,
+                                    seed=config.seed)
+    if config.ternary:
+        new.set_phase("ternary")
+    return new
 

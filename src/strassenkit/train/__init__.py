@@ -5,6 +5,7 @@ Threads: :class:`TrainConfig` ``threads=1`` (default) sets one PyTorch thread pe
 PyTorch's default, and DDP runs one process per core.
 """
 
+from .distill import distillation_loss
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .loop import NonFiniteLossError, TrainConfig, batch_indices, evaluate, lr_factor, param_groups, train
 
@@ -19,4 +20,5 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",
+    "distillation_loss",
 ]

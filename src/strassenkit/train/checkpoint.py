@@ -27,19 +27,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "atomic_write_text", "fault"]
+from ._faults import fault_requested
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "atomic_write_text"]
 
 _LATEST = "latest.json"
-
-
-def fault(kind: str, step: int) -> bool:
-    """True when the environment asks to inject fault ``kind`` at ``step`` (tests only)."""
-    spec = os.environ.get("STRASSENKIT_FAULT", "")
-    for item in spec.split(","):
-        k, _, s = item.partition(":")
-        if k == kind and s.strip().isdigit() and int(s) == step:
-            return True
-    return False
 
 
 def _fsync_dir(path: str) -> None:
@@ -137,7 +129,7 @@ def save_checkpoint(
     os.makedirs(tmp)
     save_model(model, os.path.join(tmp, "model.safetensors"))
     _fsync_file(os.path.join(tmp, "model.safetensors"))
-    if fault("kill_in_checkpoint", step):
+    if fault_requested("kill_in_checkpoint", step):
         os.kill(os.getpid(), signal.SIGKILL)
     opt_t, opt_js = _optim_split(optimizer)
     rng_js, rng_t = _rng_state()

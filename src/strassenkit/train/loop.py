@@ -40,7 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import fault, latest_checkpoint, load_checkpoint, save_checkpoint
+from .._utils import check_int
+from ._faults import fault_requested
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 __all__ = ["TrainConfig", "NonFiniteLossError", "train", "lr_factor", "param_groups", "batch_indices", "evaluate"]
 
@@ -88,9 +90,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name, lo in (("steps", 0), ("batch_size", 1)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < lo:
-                raise ValueError(f"TrainConfig.{name} must be an integer >= {lo}, got {v!r}")
+            check_int(f"TrainConfig.{name}", getattr(self, name), lo)
         if self.task not in ("classification", "lm"):
             raise ValueError(f"TrainConfig.task must be 'classification' or 'lm', got {self.task!r}")
         if not self.lr > 0:
@@ -404,7 +404,7 @@ def _train(model, data, cfg, out_dir, eval_data, teacher, resume, extra_config) 
                                                 keep=cfg.keep_checkpoints)
                 if world > 1:
                     dist.barrier()
-            if fault("kill_after_step", done):
+            if fault_requested("kill_after_step", done):
                 os.kill(os.getpid(), signal.SIGKILL)
         if eval_data is not None:
             last.update(evaluate(model, eval_data, cfg))

@@ -1,0 +1,263 @@
+"""Target matching: which modules of a model a conversion touches, and with which config.
+
+This is the one matcher (as PEFT's ``tuners_utils``): :func:`plan` walks the model once and returns a
+:class:`TargetRow` per relevant module, with a status and, for the modules to convert, the config to
+apply (already adjusted for causal models). It changes nothing; :func:`strassenify_` and
+:func:`inspect_targets` build on it.
+
+Targets:
+- ``"all-linear"``: every module of a type the config supports (STLConfig: nn.Linear; SPNConfig:
+  nn.Linear and nn.Conv2d), except the output head (see ``head``);
+- a module name or a list of names: exact (``"blocks.0.mlp.fc1"``) or a suffix on a ``.`` boundary
+  (``"fc1"`` matches every ``*.fc1``);
+- ``"re:<regex>"``: names that the regex matches in full (``re.fullmatch``);
+- per-layer configs: a :class:`PerModuleConfig` (or a plain dict) as ``config``, or a dict as
+  ``targets`` with ``config=None``.
+``exclude`` takes the same names / suffixes / regexes and always wins. ``filter_fn(module, fqn) -> bool``
+(torchao's convention) must also return True for a module to be converted.
+
+Output head (``head``): "auto" excludes, from "all-linear" only, ``model.get_output_embeddings()``
+when the model has it, else modules whose last name component is one of ``lm_head, head,
+classifier, fc_out, output``, else the last nn.Linear in registration order. ``head=None`` keeps
+it in, a name (or list) names it explicitly. A head that is named in ``targets`` is converted.
+
+Causal models: see :func:`is_causal_model` and :func:`causal_config`.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..nn import STLinear
+from .config import PerModuleConfig, STLConfig, is_config, supported_types, transform_for
+
+__all__ = ["TargetRow", "plan", "match", "patterns", "is_causal_model", "find_heads", "causal_config", "as_per_module"]
+
+HEAD_NAMES = ("lm_head", "head", "classifier", "fc_out", "output")
+_CONVERTIBLE = (nn.Linear, nn.Conv2d)  # module kinds that get a row even when not targeted
+
+
+@dataclass
+class TargetRow:
+    """One module considered by a conversion (a row of :class:`InspectReport`).
+
+    ``target`` is the config to apply (set only when ``status == "convert"``); ``config`` is its dict.
+    """
+
+    name: str
+    module_type: str
+    shape: str
+    status: str  # "convert", "skipped", "excluded", "head", "unsupported", "not-targeted"
+    config: dict | None = None
+    reason: str = ""
+    new_type: str = ""
+    cost: dict = field(default_factory=dict)
+    target: object = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "target"}
+
+
+def match(key: str, name: str) -> bool:
+    """True if pattern ``key`` (exact name, ``.``-suffix, or ``"re:<regex>"``) matches module ``name``."""
+    if key.startswith("re:"):
+        return re.fullmatch(key[3:], name) is not None
+    return name == key or name.endswith("." + key)
+
+
+def patterns(arg, what: str) -> list[str]:
+    """``arg`` (None, a pattern, or a list of patterns) as a list; regexes are checked here."""
+    if arg is None:
+        return []
+    if isinstance(arg, str):
+        out = [arg]
+    elif isinstance(arg, (list, tuple, set)) and all(isinstance(a, str) for a in arg):
+        out = list(arg)
+    else:
+        raise TypeError(f"{what} must be a name, 're:<regex>', or a list of them, got {arg!r}")
+    for p in out:
+        _check_regex(p)
+    return out
+
+
+def _check_regex(p: str) -> None:
+    if p.startswith("re:"):
+        try:
+            re.compile(p[3:])
+        except re.error as e:
+            raise ValueError(f"invalid regex {p!r}: {e}") from None
+
+
+def is_causal_model(model: nn.Module) -> bool:
+    """True if the model says it is autoregressive (HF-style config flags or class/architecture names)."""
+    if getattr(model, "is_causal", False) is True:
+        return True
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+        if get("is_decoder", False) is True or get("is_causal", False) is True:
+            return True
+        archs = get("architectures", None) or []
+        if any(("CausalLM" in a or "LMHeadModel" in a) for a in archs if isinstance(a, str)):
+            return True
+    cls = type(model).__name__
+    return cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel")
+
+
+def causal_config(config, name: str, causal: bool):
+    """The config to use for module ``name``: causal models get STL ``row_tile=1`` (more raises)."""
+    if not causal or not isinstance(config, STLConfig):
+        return config
+    if config.row_tile is None:
+        return config.with_(row_tile=1)
+    if config.row_tile != 1:
+        raise ValueError(
+            f"{name}: causal model but STLConfig(row_tile={config.row_tile}): a {config.row_tile}x{config.tile} "
+            f"activation tile mixes {config.row_tile} consecutive tokens, so earlier positions would see later ones. "
+            f"Use STLConfig(row_tile=1) (or row_tile=None, which becomes 1 for causal models)"
+        )
+    return config
+
+
+def find_heads(model: nn.Module, head) -> set[str]:
+    """Names of the output head(s) that "all-linear" keeps dense (see the module docstring)."""
+    if head is None:
+        return set()
+    names = {id(m): n for n, m in model.named_modules()}
+    if head != "auto":
+        pats = patterns(head, "head")
+        found = {n for n, _ in model.named_modules() if n and any(match(p, n) for p in pats)}
+        if not found:
+            warnings.warn(f"head={head!r} matched no module of the model", stacklevel=4)
+        return found
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            out = getter()
+        except Exception:  # noqa: BLE001 - a model may not implement it
+            out = None
+        if isinstance(out, nn.Module) and id(out) in names:
+            return {names[id(out)]}
+    by_name = {n for n, m in model.named_modules() if n and n.split(".")[-1] in HEAD_NAMES and isinstance(m, _CONVERTIBLE)}
+    if by_name:
+        return by_name
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return {linears[-1]} if linears else set()
+
+
+def shape_of(m: nn.Module) -> str:
+    if isinstance(m, nn.Linear):
+        return f"{m.in_features}->{m.out_features}"
+    if isinstance(m, nn.Conv2d):
+        return f"{m.in_channels}->{m.out_channels} k{tuple(m.kernel_size)} s{tuple(m.stride)} g{m.groups}"
+    if isinstance(m, STLinear):
+        return f"{m.in_features}->{m.out_features} <{m.row_tile},{m.tile},{m.tile}> r{m.rank}"
+    return ""
+
+
+def as_per_module(config, targets):
+    """Normalise (config, targets): per-layer dicts become a :class:`PerModuleConfig`; checks types."""
+    if isinstance(config, dict):
+        config = PerModuleConfig(config)
+    if isinstance(targets, dict):
+        if config is not None:
+            raise ValueError("targets is a {name: config} mapping, so config must be None (or pass the mapping as config)")
+        config, targets = PerModuleConfig(targets), "all-linear"
+    if config is None:
+        raise ValueError("config is None: pass a config (STLConfig(...) / SPNConfig(...)) or a {name: config} mapping")
+    if isinstance(config, PerModuleConfig):
+        for k in config.configs:
+            _check_regex(k)
+    elif not is_config(config):
+        raise TypeError(f"config must be a registered config such as STLConfig or SPNConfig, got {type(config).__name__}")
+    else:
+        transform_for(config)
+    return config, targets
+
+
+def _rule(config, name: str, module: nn.Module, all_linear: bool, pats: list[str]):
+    """(config or None, explicit, row reason or None): what the targets say about one module.
+
+    Returns (None, False, None) for a module no rule mentions, (None, True, reason) for one a
+    per-module mapping maps to None.
+    """
+    if isinstance(config, PerModuleConfig):
+        mapping = config.configs
+        if name in mapping:
+            cfg = mapping[name]
+        else:
+            cfg = next((v for k, v in mapping.items() if match(k, name)), _MISSING)
+            if cfg is _MISSING:
+                return None, False, None
+        return (cfg, True, None) if cfg is not None else (None, True, "targets mapping gives None")
+    if all_linear:
+        return (config, False, None) if isinstance(module, supported_types(config)) else (None, False, None)
+    return (config, True, None) if any(match(p, name) for p in pats) else (None, False, None)
+
+
+_MISSING = object()
+
+
+def plan(model: nn.Module, config, targets="all-linear", exclude=None, causal: bool = False, head="auto",
+         filter_fn=None) -> list[TargetRow]:
+    """Decide, for every relevant module, whether and how it is converted (changes nothing)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable(module, fqn) -> bool, got {type(filter_fn).__name__}")
+    config, targets = as_per_module(config, targets)
+    all_linear = isinstance(targets, str) and targets in ("all-linear", "all")
+    per_module = isinstance(config, PerModuleConfig)
+    pats = [] if (per_module or all_linear) else patterns(targets, "targets")
+    excl = patterns(exclude, "exclude")
+    heads = find_heads(model, head) if all_linear else set()
+    causal = bool(causal) or is_causal_model(model)
+    mha_children = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+                    for c, _ in m.named_children()}
+
+    rows: list[TargetRow] = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        cfg, explicit, skip_reason = _rule(config, name, module, all_linear, pats)
+
+        def row(status, reason="", config_dict=None):
+            return TargetRow(name, type(module).__name__, shape_of(module), status, config_dict, reason)
+
+        if skip_reason:
+            rows.append(row("skipped", skip_reason))
+            continue
+        if cfg is None:
+            if isinstance(module, _CONVERTIBLE):
+                reason = (f"{type(config).__name__} does not convert {type(module).__name__}" if all_linear else "")
+                rows.append(row("not-targeted", reason))
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            if isinstance(module, _CONVERTIBLE):
+                rows.append(row("not-targeted", "filter_fn returned False"))
+            continue
+        kinds = supported_types(cfg)
+        if not isinstance(module, kinds) and next(module.children(), None) is not None:
+            continue  # a container matched by a name pattern: its children are considered on their own
+        r = row("convert", config_dict=cfg.to_dict())
+        if any(match(p, name) for p in excl):
+            r.status, r.reason = "excluded", "matched exclude"
+        elif name in heads and not explicit:
+            r.status, r.reason = "head", "output head kept dense (pass head=None to convert it)"
+        elif not isinstance(module, kinds):
+            r.status = "unsupported"
+            r.reason = (f"{type(module).__name__} is not supported by {type(cfg).__name__} (it converts "
+                        f"{', '.join(t.__name__ for t in kinds)}); skipped")
+        elif name in mha_children:
+            r.status = "unsupported"
+            r.reason = ("inside nn.MultiheadAttention, which reads out_proj.weight directly instead of calling it; "
+                        "skipped (write attention with separate nn.Linear projections to convert it)")
+        else:
+            r.target = causal_config(cfg, name, causal)
+            r.config = r.target.to_dict()
+        rows.append(r)
+    return rows
