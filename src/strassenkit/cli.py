@@ -1,8 +1,8 @@
 """Command line: ``strassenkit <command>`` (also ``python -m strassenkit <command>``).
 
-Each command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
-``COMMANDS`` maps the command name to (module path, one-line help). Modules are imported lazily so
-``strassenkit --help`` stays fast.
+Each command lives in its own module of :mod:`strassenkit.commands`, exposing ``add_arguments(parser)``
+and ``run(args) -> int``; ``COMMANDS`` maps the command name to (module path, one-line help). Modules are
+imported lazily so ``strassenkit --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("strassenkit.experiments.demo", "train a small ViT on sklearn digits, dense vs STL (t=4, r=24)"),
-    "algorithms": ("strassenkit.experiments.catalogue_cmd", "list and verify the exact algorithm catalogue"),
-    "bench": ("strassenkit.experiments.bench", "wall-clock STL vs dense F.linear (forward, training step) -> results/bench/"),
-    "approx": ("strassenkit.experiments.approx", "tile-approximation study: init families vs rank (t=4), tensor, Gaussian and real-tile errors"),
-    "rediscover": ("strassenkit.experiments.rediscover", "learn ternary rank-7 2x2 matmul SPNs from 25 random inits; verify exactly"),
-    "train": ("strassenkit.experiments.train_cmd", "resumable training (AdamW, cosine, KD, checkpoints, DDP) on a built-in task"),
-    "native": ("strassenkit.functional.native", "build the native C++ STL kernels now (else on first use) and report"),
-    "experiment": ("strassenkit.experiments.run_experiment", "paper experiments on real data: vit, spn_cnn, charlm, minilm, report"),
+    "demo": ("strassenkit.commands.demo", "train a small ViT on sklearn digits, dense vs STL (t=4, r=24)"),
+    "algorithms": ("strassenkit.commands.algorithms", "list and verify the exact algorithm catalogue"),
+    "bench": ("strassenkit.commands.bench", "wall-clock STL vs dense F.linear (forward, training step) -> results/bench/"),
+    "train": ("strassenkit.commands.train", "resumable training (AdamW, cosine, KD, checkpoints, DDP) on a built-in task"),
+    "native": ("strassenkit.commands.native", "build the native C++ STL kernels now (else on first use) and report"),
+    "experiment": ("strassenkit.commands.experiment",
+                   "paper experiments from the source checkout's experiments/ folder: "
+                   "vit, spn_cnn, charlm, minilm, approx, rediscover, report"),
 }
 
 

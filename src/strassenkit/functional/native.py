@@ -155,17 +155,3 @@ def available() -> bool:
     """True if the native kernels are loaded (compiling them on first call)."""
     return load()
 
-
-def add_arguments(parser) -> None:
-    """``strassenkit native``: build the kernels now (``make install`` does) and report."""
-    parser.add_argument("-v", "--verbose", action="store_true", help="show the compiler commands")
-
-
-def run(args) -> int:
-    if not enabled():
-        print("STRASSENKIT_NATIVE=0: native kernels disabled (pure-PyTorch path)")
-        return 0
-    ok = load(verbose=args.verbose)
-    info = build_info()
-    print(f"native STL kernels: {'ok' if ok else 'NOT available (pure-PyTorch fallback)'} - {info['build_dir']}")
-    return 0 if ok else 1

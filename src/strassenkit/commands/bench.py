@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..functional.ops import _bmm, active_backend, backend, compute_dtype, native_low_precision
+from .._utils import ceil_div
+from ..functional.ops import active_backend, backend, bmm, compute_dtype, native_low_precision
 from ..functional.stl import stl_apply
 from ..runtime import retain_freed_memory
 
@@ -116,10 +117,6 @@ def _ratio_spread(dense: list[float], stl: list[float]) -> tuple[float, float]:
     return min(ratios), max(ratios)
 
 
-def _ceil(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def bench_row(
     set_name: str, M: int, K: int, N: int, dtype: str, mode: str, threads: int,
     tile: int = 4, rank: int = 24, repeats: int = 5, warmup: int = 1, seed: int = 0, kernels: str = "auto",
@@ -141,7 +138,7 @@ def _bench_row(set_name, M, K, N, dtype, mode, threads, tile, rank, repeats, war
         x = torch.randn(M // L, L, K, generator=g).to(dt)
         w = (torch.randn(N, K, generator=g) / K**0.5).to(dt)
         n = m = p = tile
-        Kt, Nt, Mt = _ceil(K, m), _ceil(N, p), (M // L) * _ceil(L, n)
+        Kt, Nt, Mt = ceil_div(K, m), ceil_div(N, p), (M // L) * ceil_div(L, n)
         w_hat = (torch.randn(rank, Kt, Nt, generator=g) / Kt**0.5).to(dt)
         enc_x = (torch.randn(rank, n * m, generator=g) / (n * m) ** 0.5).to(dt)
         dec = (torch.randn(n * p, rank, generator=g) / rank**0.5).to(dt)
@@ -159,7 +156,7 @@ def _bench_row(set_name, M, K, N, dtype, mode, threads, tile, rank, repeats, war
                     stl_apply(x, w_hat, enc_x, dec, tile, N)
 
             def core():
-                _bmm(x_hat, w_core)
+                bmm(x_hat, w_core)
 
             def dense_up():
                 with torch.no_grad():
@@ -179,9 +176,9 @@ def _bench_row(set_name, M, K, N, dtype, mode, threads, tile, rank, repeats, war
                 stl_apply(*ps, tile, N).backward(gy)
 
             def core():
-                _bmm(x_hat, w_core)
-                _bmm(g_prod, w_core.transpose(1, 2))
-                _bmm(x_hat.transpose(1, 2), g_prod)
+                bmm(x_hat, w_core)
+                bmm(g_prod, w_core.transpose(1, 2))
+                bmm(x_hat.transpose(1, 2), g_prod)
 
             def dense_up():  # the casts are part of the graph, as they would be in a bf16 model
                 xd.grad = wd.grad = None

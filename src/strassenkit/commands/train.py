@@ -6,7 +6,9 @@ Tasks (all offline):
 - ``synthetic-lm``: next-token prediction on a random 16-symbol Markov chain (sequences of 16);
   model: embedding -> Linear -> GELU -> Linear head. Marked causal (``model.is_causal = True``), so
   STL conversion uses row_tile=1.
-- ``digits``: the small ViT of :mod:`strassenkit.models.vit` on scikit-learn's real 8x8 digits.
+- ``digits``: the small ViT of :mod:`strassenkit._models.vit` on scikit-learn's real 8x8 digits.
+
+The synthetic tasks' models and data are in :mod:`strassenkit._models.synthetic`.
 
 Examples::
 
@@ -32,8 +34,8 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+
+from .._models.synthetic import BigramLM, TokenMLP, synthetic_data, synthetic_lm_data
 
 TASKS = ("synthetic", "synthetic-lm", "digits")
 
@@ -68,54 +70,6 @@ def add_arguments(parser) -> None:
 
 
 # ------------------------------------------------------------------ tasks
-class TokenMLP(nn.Module):
-    """(B, L, d_in) -> (B, classes): token-wise MLP, mean over tokens, linear head."""
-
-    def __init__(self, d_in=16, hidden=32, classes=4):
-        super().__init__()
-        self.fc1 = nn.Linear(d_in, hidden)
-        self.fc2 = nn.Linear(hidden, hidden)
-        self.head = nn.Linear(hidden, classes)
-
-    def forward(self, x):
-        h = F.gelu(self.fc2(F.gelu(self.fc1(x))))
-        return self.head(h.mean(dim=1))
-
-
-class BigramLM(nn.Module):
-    """(B, L) tokens -> (B, L, vocab) logits; each position sees only its own token (causal)."""
-
-    is_causal = True
-
-    def __init__(self, vocab=16, dim=32):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, dim)
-        self.fc = nn.Linear(dim, dim)
-        self.lm_head = nn.Linear(dim, vocab)
-
-    def forward(self, tokens):
-        return self.lm_head(F.gelu(self.fc(self.emb(tokens))))
-
-
-def synthetic_data(n_train=2048, n_eval=512, seed=1234):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n_train + n_eval, 8, 16, generator=g)
-    w1 = torch.randn(16, 4, generator=g)
-    y = (x.mean(1) @ w1 + 0.3 * torch.tanh(x[:, 0] @ w1)).argmax(-1)
-    return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
-
-
-def synthetic_lm_data(n_train=2048, n_eval=256, vocab=16, length=17, seed=1234):
-    g = torch.Generator().manual_seed(seed)
-    trans = torch.softmax(torch.randn(vocab, vocab, generator=g) * 2.5, dim=-1)
-    seq = torch.empty(n_train + n_eval, length, dtype=torch.long)
-    seq[:, 0] = torch.randint(vocab, (len(seq),), generator=g)
-    for i in range(1, length):
-        seq[:, i] = torch.multinomial(trans[seq[:, i - 1]], 1, generator=g)[:, 0]
-    x, y = seq[:, :-1], seq[:, 1:]
-    return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
-
-
 def build(task: str, seed: int):
     """(model, train_data, eval_data, train-config overrides) for a built-in task."""
     torch.manual_seed(seed)
@@ -126,8 +80,8 @@ def build(task: str, seed: int):
         tr, ev = synthetic_lm_data()
         return BigramLM(), tr, ev, {"task": "lm"}
     if task == "digits":
-        from ..data.digits import load_digits_split
-        from ..models.vit import ViT
+        from .._models.digits import load_digits_split
+        from .._models.vit import ViT
 
         xtr, ytr, xte, yte = load_digits_split(seed=0)
         return ViT(image_size=8, patch_size=2, dim=64, depth=2, heads=4), (xtr, ytr), (xte, yte), {"task": "classification"}

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from .. import cost
-from ..data.digits import load_digits_split
+from .._models.digits import load_digits_split
+from .._models.training import accuracy, forward_times, train_classifier
+from .._models.vit import ViT, dense_linear
 from ..functional.ops import active_backend
-from ..models.vit import ViT, dense_linear
 from ..nn.stlinear import STLinear
-from .exp_common import accuracy, forward_times, train_classifier
 
 
 def add_arguments(parser) -> None:
