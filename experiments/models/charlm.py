@@ -37,13 +37,13 @@ class CharLSTM(nn.Module):
         self.head = make_linear(hidden, vocab_size)
 
     def _recurrent_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        from ..nn.spn import SPNLinear
+        from strassenkit.nn import SPNLinear
 
         m = self.gates_rec
         if isinstance(m, nn.Linear):
             return lambda h: F.linear(h, m.weight, m.bias)
         if isinstance(m, SPNLinear) and m.norm is None:
-            from ..functional.spn import spn_linear
+            from strassenkit.functional import spn_linear
 
             w_b, w_c = m.effective("w_b"), m.effective("w_c")
             return lambda h: spn_linear(h, w_b, m.a_hat, w_c, m.bias)

@@ -1,4 +1,4 @@
-"""``strassenkit experiment minilm``: convert a real pretrained transformer (all-MiniLM-L6-v2) to STL.
+"""``python experiments/run.py minilm``: convert a real pretrained transformer (all-MiniLM-L6-v2) to STL.
 
 The STL paper fine-tunes TinyLlama with STL layers and compares with 2:4 structured sparsity; scaled here to
 the 6-layer sentence encoder all-MiniLM-L6-v2 (d=384, FFN 1536) on Shakespeare sentences:
@@ -13,7 +13,7 @@ cosine between student and teacher embeddings, and Spearman rank correlation bet
 cosine similarities of all sentence pairs. Before-distillation values are recorded too.
 
 Tiles mix 4 consecutive tokens of a sentence (allowed: the encoder is bidirectional); padding rows are zeroed
-before every linear layer (strassenkit.models.bert), and calibration batches group sentences of equal token
+before every linear layer (experiments.models.bert), and calibration batches group sentences of equal token
 length so no padding row enters the fit.
 """
 
@@ -28,7 +28,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .exp_common import config_of, fmt_ms, group_runs, mean_std, merge_runs, write_runs
+from strassenkit import cost
+from strassenkit.algorithms import resolve
+from strassenkit.nn import STLinear
+from strassenkit.surgery import calibrate_
+
+from .common import available_inits, config_of, fmt_ms, group_runs, mean_std, merge_runs, read_runs, write_runs
 
 NAME = "minilm"
 
@@ -59,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- data
 def sentence_sets(text_root, n_eval: int, seed: int = 0):
     """(train sentences, held-out sentences): training works vs the held-out works of the char LM split."""
-    from ..data.shakespeare import DEFAULT_VAL_WORKS, load_works, split_sentences
+    from .data.shakespeare import DEFAULT_VAL_WORKS, load_works, split_sentences
 
     works = load_works(text_root)
     train = [s for w, t in works.items() if w not in DEFAULT_VAL_WORKS for s in split_sentences(t)]
@@ -118,10 +123,7 @@ def _set(model, name, module):
 
 
 def convert_stl(teacher, rank: int, init, seed: int):
-    from ..algorithms.init import resolve_init
-    from ..nn.stlinear import STLinear
-
-    alg = resolve_init(init, 4, 4, 4, rank, seed)
+    alg = resolve(init, 4, 4, 4, rank, seed)
     student = copy.deepcopy(teacher)
     for name in _linear_names(student):
         _set(student, name, STLinear.from_linear(student.get_submodule(name), init=alg))
@@ -153,8 +155,6 @@ def prune_24(teacher):
 
 def linear_macs(model, batch) -> dict:
     """Linear-layer MACs on one batch (core + encode + decode for STL; 2:4 layers count half their MACs)."""
-    from .. import cost
-
     rep = cost.count(model, *batch)
     rows = [r for r in rep.layers if r.kind in ("linear", "stl")]
     return {"linear_macs": sum(r.macs for r in rows), "linear_dense_macs": sum(r.dense_macs for r in rows),
@@ -198,9 +198,8 @@ def distill(student, teacher, tok, train_sents, args, seed: int, masks=None, des
 
 
 def run(args) -> int:
-    from ..data.minilm import Tokenizer
-    from ..models.bert import load_minilm
-    from ..surgery import calibrate_
+    from .data.minilm import Tokenizer
+    from .models.bert import load_minilm
 
     if args.quick:
         args.seeds, args.ranks = args.seeds[:1], args.ranks[:1]
@@ -208,8 +207,6 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     init = args.init
     if init == "auto":
-        from .vit import available_inits
-
         init = "als" if "als" in available_inits() else "random"
     teacher = load_minilm(args.minilm_root)
     for p in teacher.parameters():
@@ -275,8 +272,6 @@ def run(args) -> int:
 
 
 def _merged(args, records):
-    from .exp_common import read_runs
-
     return read_runs(args.out)["runs"]
 
 

@@ -1,4 +1,4 @@
-"""``strassenkit rediscover``: learn a ternary rank-7 algorithm for 2x2 matrix products (StrassenNets, Sec. 3).
+"""``python experiments/run.py rediscover``: learn a ternary rank-7 algorithm for 2x2 matrix products (StrassenNets, Sec. 3).
 
 Protocol (Tschannen et al. 2018): an SPN ``vec(C) = W_c[(W_b vec B) * (W_a vec A)]`` with
 W_a, W_b in {-1,0,1}^(7x4) and W_c in {-1,0,1}^(4x7) is trained with an L2 loss on 100k synthetic
@@ -17,7 +17,7 @@ Pipeline per trial (all trials are trained together, vectorized over a leading t
 4. ``anneal``    penalty lambda(t) * sum w^2 (|w| - 1)^2 (zero exactly on {-1,0,1}) with lambda
                  ramped up quadratically: annealed quantization.
 5. ``ternary``   the forward pass uses hard ternary weights (fixed threshold 0.5, scale 1) with a
-                 straight-through gradient (:func:`strassenkit.nn.quantize.ternarize_fixed`).
+                 straight-through gradient (:func:`strassenkit.nn.ternarize_fixed`).
 6. round, verify exactly; failed trials are restarted from a fresh seed (``--restarts``), and the
    summary reports both the first-attempt and the final success counts.
 
@@ -88,7 +88,7 @@ def train_trials(seeds, data, cfg, progress=True, desc="trials"):
     the per-trial final L2 loss of the ternary network on a minibatch."""
     from tqdm import tqdm
 
-    from ..nn.quantize import ternarize_fixed
+    from strassenkit.nn import ternarize_fixed
 
     A, B, C = data
     N = A.shape[0]
@@ -138,10 +138,10 @@ def train_trials(seeds, data, cfg, progress=True, desc="trials"):
 
 def to_algorithm(wa, wb, wc, name="rediscovered"):
     """Round to {-1,0,1} (threshold 0.5) and build the exact BilinearAlgorithm (U = W_a^T, V = W_b^T, W = W_c)."""
-    from ..algorithms import BilinearAlgorithm
+    from strassenkit.algorithms import BilinearAlgorithm
 
     q = [(torch.sign(w) * (w.abs() > 0.5)).to(torch.int64).numpy() for w in (wa, wb, wc)]
-    return BilinearAlgorithm(2, 2, 2, q[0].T, q[1].T, q[2], name=name, source="strassenkit rediscover (SPN training)")
+    return BilinearAlgorithm(2, 2, 2, q[0].T, q[1].T, q[2], name=name, source="experiments/rediscover.py (SPN training)")
 
 
 # ====================================================================== symmetry analysis
@@ -180,7 +180,7 @@ def unimodular_ternary() -> list[np.ndarray]:
 def apply_isotropy(alg, P, Q, R):
     """The algorithm transformed by (P, Q, R) (unimodular integer 2x2): computes A B through
     A B = P^-1 [(P A Q^-1)(Q B R^-1)] R, i.e. U' = P^T U Q^-T, V' = Q^T V R^-T, W' = P^-1 W R."""
-    from ..algorithms import BilinearAlgorithm
+    from strassenkit.algorithms import BilinearAlgorithm
 
     P, Q, R = (np.asarray(x, dtype=np.int64) for x in (P, Q, R))
     U, V, W = _int_factors(alg)
@@ -290,8 +290,8 @@ def _config(args) -> dict:
 
 def rediscover(cfg: dict, progress: bool = True) -> dict:
     """Run the experiment; returns the summary dict (see module docstring)."""
-    from ..algorithms import get
-    from ..nn.spn import SPNBilinear
+    from strassenkit.algorithms import get
+    from strassenkit.nn import SPNBilinear
 
     t0 = time.perf_counter()
     data = make_data(cfg["examples"], cfg["data_seed"])

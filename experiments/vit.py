@@ -1,11 +1,11 @@
-"""``strassenkit experiment vit``: the STL paper's ViT experiment, scaled to Fashion-MNIST on a CPU.
+"""``python experiments/run.py vit``: the STL paper's ViT experiment, scaled to Fashion-MNIST on a CPU.
 
-A small ViT (strassenkit.models.vit.ViT; every linear layer including patch embedding and head built by
+A small ViT (strassenkit._models.vit.ViT; every linear layer including patch embedding and head built by
 the factory) trained from scratch with the same budget as:
 - ``dense``: nn.Linear everywhere;
 - ``stl-<init>``: STLinear t=4 r=24 (row_tile 4: tiles of 4 consecutive tokens inside one image) for every
   registered init family (``random`` is the baseline; ``als``, ``truncate``, ``polynomial``... when
-  strassenkit.algorithms.approximate provides them);
+  strassenkit.algorithms.families() lists them);
 - ``lowrank``: each linear factorized as K -> k -> N with k chosen so its MACs match the STL layer's
   total MACs (core + encode + decode) on the same input.
 Reported per run: test accuracy, parameters, linear-layer MACs (core/encode/decode, from cost.count),
@@ -20,9 +20,14 @@ from pathlib import Path
 
 import torch
 
-from .. import cost
-from .exp_common import (accuracy, config_of, finish, fmt_ms, forward_times, group_runs, mean_std, n_params,
-                         train_classifier)
+from strassenkit import cost
+from strassenkit._models.vit import ViT, dense_linear
+from strassenkit.algorithms import resolve
+from strassenkit.nn import STLinear
+
+from .common import (accuracy, available_inits, config_of, finish, fmt_ms, forward_times, group_runs, mean_std,
+                     n_params, train_classifier)
+from .models.lowrank import LowRankLinear, matched_rank
 
 NAME = "vit"
 
@@ -61,29 +66,12 @@ def _quick(args) -> None:
     args.train_limit, args.test_limit, args.epochs = min(args.train_limit, 1000), min(args.test_limit, 500), 1
 
 
-def available_inits() -> list[str]:
-    try:
-        import strassenkit.algorithms.approximate  # noqa: F401  (registers its families)
-    except ImportError:
-        pass
-    from ..algorithms.init import approximation_families
-
-    fams = approximation_families()
-    return ["random"] + [f for f in fams if f != "random"]
-
-
 def build(kind: str, args, seed: int, tokens: int):
-    from ..models.lowrank import LowRankLinear, matched_rank
-    from ..models.vit import ViT, dense_linear
-    from ..nn.stlinear import STLinear
-
     torch.manual_seed(seed)
     if kind == "dense" or kind.startswith("dense@"):
         make = dense_linear
     elif kind.startswith("stl-"):
-        from ..algorithms.init import resolve_init
-
-        alg = resolve_init(kind[4:], args.tile, args.tile, args.tile, args.rank, seed)  # once per model (ALS is slow)
+        alg = resolve(kind[4:], args.tile, args.tile, args.tile, args.rank, seed)  # once per model (ALS is slow)
         make = lambda i, o: STLinear(i, o, tile=args.tile, rank=args.rank, init=alg, seed=seed)  # noqa: E731
     elif kind == "lowrank":
         def make(i, o):
@@ -109,7 +97,7 @@ def linear_costs(model, x) -> dict:
 
 
 def run(args) -> int:
-    from ..data.fashion_mnist import load_fashion_mnist
+    from .data.fashion_mnist import load_fashion_mnist
 
     if args.quick:
         _quick(args)

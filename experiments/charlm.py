@@ -1,6 +1,6 @@
-"""``strassenkit experiment charlm``: StrassenNets' character-level language model, scaled to Shakespeare.
+"""``python experiments/run.py charlm``: StrassenNets' character-level language model, scaled to Shakespeare.
 
-A character LSTM (strassenkit.models.charlm.CharLSTM) whose three matmuls (input-to-gates, the recurrent
+A character LSTM (experiments.models.charlm.CharLSTM) whose three matmuls (input-to-gates, the recurrent
 hidden-to-gates and the output projection) are SPNLinear layers with ternary W_b and W_c (full-precision
 a_hat), over a sweep of hidden widths r = ratio * H; the full-precision dense LSTM is the reference.
 Training text: every work except the held-out ones (default hamlet, tempest, sonnets), which give the
@@ -18,7 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .exp_common import arithmetic_costs, config_of, finish, fmt_ms, group_runs, mean_std, model_bits, n_params
+from strassenkit.nn import SPNLinear, set_phase
+
+from .common import arithmetic_costs, config_of, finish, fmt_ms, group_runs, mean_std, model_bits, n_params
+from .models.charlm import CharLSTM
 
 NAME = "charlm"
 
@@ -47,9 +50,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build(kind: str, vocab: int, args, seed: int):
-    from ..models.charlm import CharLSTM
-    from ..nn.spn import SPNLinear
-
     torch.manual_seed(seed)
     if kind == "dense" or kind.startswith("dense@"):
         return CharLSTM(vocab, args.embed, args.hidden)
@@ -88,8 +88,6 @@ def bits_per_char(model, data: torch.Tensor, seq_len: int = 256, batch: int = 16
 def train(model, corpus, args, seed: int, desc: str, spn: bool, lr: float | None = None) -> float:
     from tqdm.auto import tqdm
 
-    from ..nn.phase import set_phase
-
     lr = args.lr if lr is None else lr
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=args.steps, pct_start=0.1)
@@ -118,15 +116,13 @@ def train(model, corpus, args, seed: int, desc: str, spn: bool, lr: float | None
 
 
 def run(args) -> int:
-    from ..data.shakespeare import load_char_corpus
+    from .data.shakespeare import DEFAULT_VAL_WORKS, load_char_corpus
 
     if args.quick:
         args.seeds, args.ratios = args.seeds[:1], args.ratios[:1]
         args.steps, args.val_chars = min(args.steps, 20), min(args.val_chars, 4000)
         args.hidden, args.seq_len = min(args.hidden, 32), min(args.seq_len, 24)
     torch.set_num_threads(args.threads)
-    from ..data.shakespeare import DEFAULT_VAL_WORKS
-
     corpus = load_char_corpus(args.text_root, val_works=args.val_works or DEFAULT_VAL_WORKS, val_chars=args.val_chars)
     V = len(corpus.vocab)
     kinds = ["dense"] + [f"dense@lr={lr:g}" for lr in args.dense_lrs] + [f"spn@{r:g}" for r in args.ratios]

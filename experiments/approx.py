@@ -1,4 +1,4 @@
-"""``strassenkit approx``: how well can r products approximate the 4x4 tile product, per init family?
+"""``python experiments/run.py approx``: how well can r products approximate the 4x4 tile product, per init family?
 
 For tile t (default 4), every rank r and family (als, truncate, polynomial, polynomial_ls, random) and several seeds:
 
@@ -54,8 +54,8 @@ def add_arguments(parser) -> None:
 # --------------------------------------------------------------------------- data
 def train_vit(epochs: int, seed: int = 0):
     """Train the reference ViT on digits; returns (model, test accuracy, (x_train, x_test))."""
-    from ..data.digits import load_digits_split
-    from ..models.vit import ViT
+    from strassenkit._models.digits import load_digits_split
+    from strassenkit._models.vit import ViT
 
     torch.manual_seed(seed)
     xtr, ytr, xte, yte = load_digits_split(seed=seed)
@@ -107,7 +107,7 @@ def gauss_error(U: torch.Tensor, V: torch.Tensor, W: torch.Tensor, A: torch.Tens
 
 def real_error(U, V, W, layers, t: int) -> torch.Tensor:
     """Mean over layers of ||X W - STL(X, W)||^2 / ||X W||^2 (tiles t x t along the sequence of each sample)."""
-    from ..functional.stl import stl_apply, stl_encode_weight
+    from strassenkit.functional import stl_apply, stl_encode_weight
 
     errs = []
     for _, x, w in layers:
@@ -139,7 +139,7 @@ def run_study(
 ) -> dict:
     from tqdm.auto import tqdm
 
-    from ..algorithms import approximate
+    from strassenkit.algorithms import approximate
 
     t = tile
     t0 = time.perf_counter()
@@ -288,16 +288,16 @@ def run(args) -> int:
         ranks = tuple(int(x) for x in args.ranks.split(","))
         seeds, steps, epochs = args.seeds, args.steps, args.vit_epochs
     families = tuple(x.strip() for x in args.families.split(",") if x.strip())
-    from ..algorithms.init import approximation_families
+    from strassenkit.algorithms import families as known_families
 
-    unknown = [f for f in families if f not in approximation_families()]
+    unknown = [f for f in families if f not in known_families()]
     if unknown:
-        raise SystemExit(f"--families: unknown {unknown}; choose from {approximation_families()}")
+        raise SystemExit(f"--families: unknown {unknown}; choose from {known_families()}")
     if any(r < 1 for r in ranks) or seeds < 1 or steps < 0:
         raise SystemExit("--ranks must be >= 1, --seeds >= 1, --steps >= 0")
     summary = run_study(tile=args.tile, ranks=ranks, families=families, seeds=seeds, steps=steps, lr=args.lr,
                         vit_epochs=epochs)
-    summary["setup"]["command"] = "strassenkit approx" + (" --quick" if args.quick else "")
+    summary["setup"]["command"] = "python experiments/run.py approx" + (" --quick" if args.quick else "")
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot(summary, out / "approx.png")
@@ -308,10 +308,10 @@ def run(args) -> int:
 
 
 def run_search(spec: str, out: Path) -> int:
-    """Success rate of :func:`strassenkit.algorithms.search.search_attempt` over seeds 0..tries-1 per format."""
+    """Success rate of :func:`strassenkit.algorithms.search_stats` (one search attempt per seed 0..tries-1) per format."""
     import re
 
-    from ..algorithms.search import search_stats
+    from strassenkit.algorithms import search_stats
 
     results = []
     for item in spec.split(","):
@@ -340,7 +340,7 @@ def write_markdown(summary: dict, path: Path) -> None:
     s = summary["setup"]
     lines = [
         "# Tile-approximation study (t = {})".format(s["tile"]), "",
-        f"Regenerate: `{s.get('command', 'strassenkit approx')}` (figures: `approx.png`; raw records: `summary.json`).",
+        f"Regenerate: `{s.get('command', 'python experiments/run.py approx')}` (figures: `approx.png`; raw records: `summary.json`).",
         "", f"Relative squared error, median over {s['seeds']} seeds (min..max in brackets). Refinement: "
         f"{s['steps']} Adam steps, lr {s['lr']} cosine, identical for every family. Real tiles: inputs and weights "
         f"of the {len(s['vit']['layers'])} linear layers of a ViT trained on sklearn digits "
@@ -373,7 +373,7 @@ def write_markdown(summary: dict, path: Path) -> None:
     if sj.exists():
         lines += ["", "## Exact-algorithm search (`strassenkit.algorithms.search`)", "",
                   "One random start per seed; success = rounded factors proven by `verify()`. Regenerate: "
-                  "`strassenkit approx --search 2x2x2r7:30,3x3x3r23:30,2x3x3r15:30`.", "",
+                  "`python experiments/run.py approx --search 2x2x2r7:30,3x3x3r23:30,2x3x3r15:30`.", "",
                   "| format | successes / starts | seconds per start |", "|---|---|---|"]
         for key, rec in json.loads(sj.read_text()).items():
             lines.append(f"| {key} | {rec['successes']} / {rec['tries']} | {rec['seconds_per_try']:.1f} |")

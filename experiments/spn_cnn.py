@@ -1,6 +1,6 @@
-"""``strassenkit experiment spn_cnn``: StrassenNets' ResNet experiment, scaled to Fashion-MNIST on a CPU.
+"""``python experiments/run.py spn_cnn``: StrassenNets' ResNet experiment, scaled to Fashion-MNIST on a CPU.
 
-A small ResNet-style CNN (strassenkit.models.cnn.ResNetSmall) whose 3x3 convolutions after the stem are
+A small ResNet-style CNN (experiments.models.cnn.ResNetSmall) whose 3x3 convolutions after the stem are
 SPNConv2d layers (ternary W_b and W_c, full-precision a_hat) over a sweep of budgets (out_patch p and hidden
 width r = ratio * c_out), trained with and without knowledge distillation from the dense model of the same
 seed (the teacher). The stem (one input channel) and the 16 -> 10 head stay dense and full precision in every
@@ -18,8 +18,12 @@ from pathlib import Path
 
 import torch
 
-from .exp_common import (accuracy, arithmetic_costs, config_of, finish, fmt_ms, mean_std,
-                         model_bits, n_params, train_classifier)
+from strassenkit.nn import SPNConv2d, set_phase
+from strassenkit.train import distillation_loss
+
+from .common import (accuracy, arithmetic_costs, config_of, finish, fmt_ms, mean_std, model_bits, n_params,
+                     train_classifier)
+from .models.cnn import ResNetSmall, dense_conv
 
 NAME = "spn_cnn"
 
@@ -56,9 +60,6 @@ def parse_budget(text: str) -> tuple[int, float]:
 
 
 def build(kind: str, args, seed: int):
-    from ..models.cnn import ResNetSmall, dense_conv
-    from ..nn.spn import SPNConv2d
-
     torch.manual_seed(seed)
     if kind == "dense":
         return ResNetSmall(args.width, make_conv=dense_conv)
@@ -68,9 +69,7 @@ def build(kind: str, args, seed: int):
 
 
 def run(args) -> int:
-    from ..data.fashion_mnist import load_fashion_mnist
-    from ..nn.phase import set_phase
-    from ..train.distill import distillation_loss
+    from .data.fashion_mnist import load_fashion_mnist
 
     if args.quick:
         args.seeds = args.seeds[:1]

@@ -1,0 +1,149 @@
+"""Shared helpers of the paper experiments (the one module every experiment may import).
+
+Training loops with progress bars, accuracy, interleaved timing (ratios against a dense model measured in
+the same run), mean/std summaries, the init families an STL experiment compares, arithmetic costs and
+model sizes, and writing ``results/NAME/runs.json`` (one record per run, each with its ``seed``) plus the
+meta block (config, command, torch version, threads, scale).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from strassenkit import algorithms, cost
+from strassenkit._models.training import accuracy, forward_times, train_classifier
+from strassenkit.nn import SPNConv2d, SPNModule
+
+__all__ = ["COMMAND", "mean_std", "fmt_ms", "group_runs", "finish", "train_classifier", "accuracy", "forward_times",
+           "n_params", "write_runs", "read_runs", "config_of", "merge_runs", "available_inits", "model_bits",
+           "arithmetic_costs"]
+
+#: the command line that launched the experiment (set by ``run.main``; written into runs.json's meta)
+COMMAND: str | None = None
+
+
+def mean_std(vals) -> tuple[float, float]:
+    vals = [float(v) for v in vals]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def fmt_ms(vals, digits: int = 4) -> str:
+    m, s = mean_std(vals)
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def group_runs(records: list[dict], key: str = "model", dense_first: bool = False) -> dict[str, list[dict]]:
+    """Records grouped by ``key`` in first-seen order; ``dense_first`` puts "dense", then other "dense*" rows first."""
+    out: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        out[r[key]].append(r)
+    if dense_first:
+        order = list(out)
+        return dict(sorted(out.items(), key=lambda kv: (kv[0] != "dense", not kv[0].startswith("dense"), order.index(kv[0]))))
+    return dict(out)
+
+
+def finish(args, records: list[dict], meta: dict, plot: Callable, table: Callable, key=("seed", "model")) -> int:
+    """Merge with earlier runs (``--append``), write runs.json, draw the plots, print the table."""
+    if args.append:
+        records, meta = merge_runs(args.out, records, meta, key=key)
+    path = write_runs(args.out, records, meta)
+    plot(records, Path(args.out))
+    print(table(records))
+    print(f"wrote {path}")
+    return 0
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def write_runs(out_dir: str | Path, records: list[dict], meta: dict) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for r in records:
+        if "seed" not in r:
+            raise ValueError(f"every record needs its 'seed': {r}")
+    meta = {"command": COMMAND, **meta,
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "written_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    path = out / "runs.json"
+    path.write_text(json.dumps({"meta": meta, "runs": records}, indent=1, default=float))
+    return path
+
+
+def read_runs(out_dir: str | Path) -> dict:
+    return json.loads((Path(out_dir) / "runs.json").read_text())
+
+
+def config_of(args) -> dict:
+    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
+
+
+def merge_runs(out_dir: str | Path, records: list[dict], meta: dict, key=("seed", "model")) -> tuple[list[dict], dict]:
+    """Merge new ``records`` into ``out_dir/runs.json`` (same ``key`` values are replaced by the new record).
+
+    The meta block keeps the old config under ``previous_configs`` so the report can show every command.
+    """
+    path = Path(out_dir) / "runs.json"
+    if not path.is_file():
+        return records, meta
+    old = json.loads(path.read_text())
+    new_keys = {tuple(r[k] for k in key) for r in records}
+    kept = [r for r in old["runs"] if tuple(r.get(k) for k in key) not in new_keys]
+    prev = old["meta"].get("previous_configs", []) + [old["meta"].get("config")]
+    return kept + records, {**meta, "previous_configs": prev, "previous_scale": old["meta"].get("scale")}
+
+
+def available_inits() -> list[str]:
+    """The STL init families to compare: ``random`` (the baseline) first, then every other registered family."""
+    return ["random"] + [f for f in algorithms.families() if f != "random"]
+
+
+# ---------------------------------------------------------------- StrassenNets accounting
+def model_bits(model) -> int:
+    """Storage bits: 2 bits per ternary matrix entry of SPN layers (in ternary phases), 32 bits otherwise."""
+    bits = 0
+    ternary_ids = set()
+    for m in model.modules():
+        if isinstance(m, SPNModule):
+            for name in m.ternary_names():
+                if m.is_quantized(name):
+                    p = getattr(m, name)
+                    ternary_ids.add(id(p))
+                    bits += 2 * p.numel() + 32  # values + one scale
+    for p in model.parameters():
+        if id(p) not in ternary_ids:
+            bits += 32 * p.numel()
+    for name, b in model.named_buffers():
+        if "running_" in name:
+            bits += 32 * b.numel()
+    return bits
+
+
+def arithmetic_costs(model, x, exclude: tuple[str, ...] = ()) -> dict:
+    """Per-forward mults/adds of the layers strassenkit.cost counts, split into conv layers and all layers.
+
+    Layer names starting with a prefix in ``exclude`` are left out of the "conv" totals (but kept in "all").
+    """
+    rep = cost.count(model, x)
+    out = {"conv_mults": 0, "conv_adds": 0, "conv_dense_macs": 0, "mults": 0, "adds": 0, "counter": "strassenkit.cost"}
+    modules = dict(model.named_modules())
+    for r in rep.layers:
+        out["mults"] += r.mults
+        out["adds"] += r.adds
+        is_conv = isinstance(modules.get(r.name), (torch.nn.Conv2d, SPNConv2d))
+        if is_conv and not any(r.name.startswith(e) for e in exclude):
+            out["conv_mults"] += r.mults
+            out["conv_adds"] += r.adds
+            out["conv_dense_macs"] += r.dense_macs
+    return out

@@ -1,0 +1,1 @@
+"""Offline data loaders of the experiments: Fashion-MNIST (IDX files), Shakespeare texts, MiniLM files."""

@@ -1,0 +1,1 @@
+"""Reference models of the experiments: BERT encoder (MiniLM), small ResNet, character LSTM, low-rank linear."""

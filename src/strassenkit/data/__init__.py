@@ -1,1 +1,0 @@
-"""Offline data loaders for experiments (nothing is downloaded at run time)."""

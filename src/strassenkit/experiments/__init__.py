@@ -1,1 +1,0 @@
-"""Experiments and commands: each writes JSON/PNG/Markdown under ``results/<name>/``."""

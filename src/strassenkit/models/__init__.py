@@ -1,1 +1,0 @@
-"""Reference models for experiments (not part of the core library)."""
