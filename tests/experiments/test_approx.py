@@ -1,4 +1,4 @@
-"""A tiny run of the tile-approximation study (strassenkit approx): records, exact cases, MC check, plot."""
+"""A tiny run of the tile-approximation study (experiments/approx.py): records, exact cases, MC check, plot."""
 
 import argparse
 import json
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from strassenkit.experiments import approx
+from experiments import approx
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,13 @@ import random
 import pytest
 import torch
 
-from strassenkit.experiments import run_experiment
-from strassenkit.experiments.exp_common import _spn_fallback_cost, arithmetic_costs, merge_runs, model_bits, write_runs
-from strassenkit.experiments.minilm import prune_24, spearman
-from strassenkit.models.bert import BertConfig, BertEncoder
 from strassenkit.nn.phase import set_phase
 from strassenkit.nn.spn import SPNLinear
+
+from experiments import run as run_experiment
+from experiments.common import arithmetic_costs, merge_runs, model_bits, write_runs
+from experiments.minilm import prune_24, spearman
+from experiments.models.bert import BertConfig, BertEncoder
 
 
 def _text_dir(tmp_path):
@@ -40,19 +41,16 @@ def test_charlm_quick_smoke_writes_records_and_plot(tmp_path):
     assert "quick" in data["meta"]["config"] and data["meta"]["scale"]
 
 
-def test_spn_fallback_counts_match_hand_count():
+def test_spn_model_bits_and_arithmetic_costs_match_hand_count():
     torch.manual_seed(0)
     layer = SPNLinear(6, 5, rank=3, bias=False)
     set_phase(layer, "ternary")
     x = torch.randn(7, 6)
-    c = _spn_fallback_cost(layer, (x,), layer(x))
     vb, _ = layer.ternary_parts("w_b")
     vc, _ = layer.ternary_parts("w_c")
     adds = 7 * (int((vb != 0).sum(1).clamp(min=1).sub(1).sum()) + int((vc != 0).sum(1).clamp(min=1).sub(1).sum()))
-    assert c["mults"] == 7 * 3
-    assert c["adds"] == adds
     assert model_bits(layer) == 2 * (18 + 15) + 64 + 32 * 3  # ternary w_b, w_c (+ scales), a_hat in fp32
-    total = arithmetic_costs(layer, x)  # strassenkit.cost's SPN counter when registered, else the fallback
+    total = arithmetic_costs(layer, x)  # strassenkit.cost's SPN counter
     assert 7 * 3 <= total["mults"] <= 7 * (3 + 5 + 3) and total["adds"] >= adds
 
 
@@ -90,12 +88,12 @@ def test_merge_runs_replaces_same_seed_and_model(tmp_path):
 
 def test_calibration_batches_have_no_padding():
     try:
-        from strassenkit.data.minilm import Tokenizer
+        from experiments.data.minilm import Tokenizer
 
         tok = Tokenizer()
     except (FileNotFoundError, ImportError) as e:
         pytest.skip(f"all-MiniLM-L6-v2 tokenizer not installed (make data): {e}")
-    from strassenkit.experiments.minilm import equal_length_batches
+    from experiments.minilm import equal_length_batches
 
     sents = ["A man is playing a guitar.", "Someone plays.", "The cat sat on the mat.", "A dog runs.",
              "Good night, sweet prince, and flights of angels sing thee to thy rest."]
@@ -106,9 +104,9 @@ def test_calibration_batches_have_no_padding():
 
 
 def test_report_reconstructs_commands_and_marks_missing_runs(tmp_path):
-    from strassenkit.experiments.report import build_report, command_from_config
+    from experiments.report import build_report, command_from_config
 
     cfg = {"quick": True, "seeds": [0, 1], "steps": 250, "ratios": [0.5], "out": "results/charlm", "append": False}
-    assert command_from_config("charlm", cfg) == "strassenkit experiment charlm --quick --seeds 0 1 --ratios 0.5"
+    assert command_from_config("charlm", cfg) == "python experiments/run.py charlm --quick --seeds 0 1 --ratios 0.5"
     text = build_report(tmp_path)
     assert text.count("_Not run yet") == 4

@@ -1,4 +1,4 @@
-"""``strassenkit rediscover`` on a few trials, and the symmetry analysis it relies on."""
+"""``strassenkit experiment rediscover`` on a few trials, and the symmetry analysis it relies on."""
 
 import json
 
@@ -7,7 +7,8 @@ import pytest
 
 from strassenkit.algorithms import BilinearAlgorithm, get
 from strassenkit.cli import main
-from strassenkit.experiments.rediscover import _role_variants, apply_isotropy, find_equivalence, rank_invariant, unimodular_ternary
+
+from experiments.rediscover import _role_variants, apply_isotropy, find_equivalence, rank_invariant, unimodular_ternary
 
 
 def _alg(rec):
@@ -17,7 +18,7 @@ def _alg(rec):
 
 def test_rediscover_cli_small_run(tmp_path, capsys):
     # seeds 2 and 3 succeed with this short schedule (each trial's result depends only on its seed)
-    rc = main(["rediscover", "--trials", "2", "--seed", "2", "--examples", "5000", "--steps", "600,400,400,100",
+    rc = main(["experiment", "rediscover", "--trials", "2", "--seed", "2", "--examples", "5000", "--steps", "600,400,400,100",
                "--restarts", "0", "--no-progress", "--out", str(tmp_path)])
     assert rc == 0
     assert "successes: 2/2" in capsys.readouterr().out
@@ -36,7 +37,7 @@ def test_rediscover_cli_small_run(tmp_path, capsys):
 
 def test_restart_bookkeeping_and_honest_failure(tmp_path):
     # far too short to succeed: every attempt fails and is recorded with its seed
-    rc = main(["rediscover", "--trials", "1", "--seed", "5", "--examples", "1000", "--steps", "5,0,0,5",
+    rc = main(["experiment", "rediscover", "--trials", "1", "--seed", "5", "--examples", "1000", "--steps", "5,0,0,5",
                "--restarts", "1", "--no-progress", "--out", str(tmp_path)])
     assert rc == 0
     s = json.loads((tmp_path / "summary.json").read_text())
@@ -46,7 +47,7 @@ def test_restart_bookkeeping_and_honest_failure(tmp_path):
 
 def test_bad_steps_argument():
     with pytest.raises(SystemExit):
-        main(["rediscover", "--steps", "1,2,3", "--out", "/nonexistent"])
+        main(["experiment", "rediscover", "--steps", "1,2,3", "--out", "/nonexistent"])
 
 
 def test_equivalence_search_finds_and_rejects():

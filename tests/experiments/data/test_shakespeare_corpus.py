@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from strassenkit.data.shakespeare import find_shakespeare, load_char_corpus, load_works, split_sentences
+from experiments.data.shakespeare import find_shakespeare, load_char_corpus, load_works, split_sentences
 
 
 @pytest.fixture

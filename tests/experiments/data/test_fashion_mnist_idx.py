@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from strassenkit.data.fashion_mnist import DEFAULT_ROOT, FILES, load_fashion_mnist, read_idx
+from experiments.data.fashion_mnist import DEFAULT_ROOT, FILES, load_fashion_mnist, read_idx
 
 
 def _write_idx(path, arr: np.ndarray, code=0x08, gz=True):

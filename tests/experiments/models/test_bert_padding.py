@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from strassenkit.models.bert import BertConfig, BertEncoder, convert_hf_bert_state
 from strassenkit.nn.stlinear import STLinear
+
+from experiments.models.bert import BertConfig, BertEncoder, convert_hf_bert_state
 
 SMALL = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                    intermediate_size=32, max_position_embeddings=32)
@@ -83,7 +84,7 @@ def test_convert_hf_state_names_roundtrip():
 
 def _minilm_available():
     try:
-        from strassenkit.data.minilm import find_minilm
+        from experiments.data.minilm import find_minilm
 
         find_minilm()
         import tokenizers  # noqa: F401
@@ -94,8 +95,8 @@ def _minilm_available():
 
 @pytest.mark.skipif(not _minilm_available(), reason="all-MiniLM-L6-v2 not installed (make data)")
 def test_real_minilm_known_cosine():
-    from strassenkit.data.minilm import Tokenizer
-    from strassenkit.models.bert import load_minilm
+    from experiments.data.minilm import Tokenizer
+    from experiments.models.bert import load_minilm
 
     m, tok = load_minilm(), Tokenizer()
     ids, mask = tok(["A man is playing a guitar.", "Someone is playing an instrument."])

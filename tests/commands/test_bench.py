@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from strassenkit.experiments import bench
+from strassenkit.commands import bench
 
 
 def test_bench_row_fields_are_consistent():

@@ -1,11 +1,12 @@
 import pytest
 import torch
 
-from strassenkit.models.charlm import CharLSTM
-from strassenkit.models.cnn import ResNetSmall
-from strassenkit.models.lowrank import LowRankLinear, matched_rank
 from strassenkit.nn.phase import set_phase
 from strassenkit.nn.spn import SPNConv2d, SPNLinear
+
+from experiments.models.charlm import CharLSTM
+from experiments.models.cnn import ResNetSmall
+from experiments.models.lowrank import LowRankLinear, matched_rank
 
 
 def test_resnet_small_shapes_dense_and_spn():

@@ -19,9 +19,3 @@ def test_demo_runs_end_to_end_and_writes_summary(tmp_path, capsys):
     dense = next(r for r in runs if r["model"] == "dense")
     assert stl["macs_encode_decode"] > 0 and dense["macs_encode_decode"] == 0
     assert stl["dense_macs"] == dense["macs"]
-
-
-def test_algorithms_command_verifies_catalogue(capsys):
-    assert main(["algorithms"]) == 0
-    text = capsys.readouterr().out
-    assert "laderman" in text and "True" in text
