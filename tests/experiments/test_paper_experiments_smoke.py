@@ -8,7 +8,7 @@ import torch
 from strassenkit.nn.phase import set_phase
 from strassenkit.nn.spn import SPNLinear
 
-from experiments import run as run_experiment
+from experiments import run as runner
 from experiments.common import arithmetic_costs, merge_runs, model_bits, write_runs
 from experiments.minilm import prune_24, spearman
 from experiments.models.bert import BertConfig, BertEncoder
@@ -27,8 +27,8 @@ def test_charlm_quick_smoke_writes_records_and_plot(tmp_path):
     (tmp_path / "texts").mkdir()
     text = _text_dir(tmp_path / "texts")
     out = tmp_path / "out"
-    rc = run_experiment.main(["charlm", "--quick", "--text-root", str(text), "--val-works", "two", "--out", str(out),
-                              "--steps", "6", "--hidden", "16", "--seq-len", "16", "--val-chars", "1500"])
+    rc = runner.main(["charlm", "--quick", "--text-root", str(text), "--val-works", "two", "--out", str(out),
+                     "--steps", "6", "--hidden", "16", "--seq-len", "16", "--val-chars", "1500"])
     assert rc == 0
     data = json.loads((out / "runs.json").read_text())
     runs = data["runs"]
