@@ -2,7 +2,8 @@
 
 The paper trains in phases: a full-precision SPN, then ternary W_b and W_c (optionally one at a
 time), then the ternary matrices frozen while only a_hat, the normalization and the bias train.
-``set_phase(model, phase)`` switches every SPN layer of a model; the phase lives in each layer's
+``set_phase(model, phase)`` switches every SPN layer of a model. Each layer's forward pass reads the
+phase from a Python attribute (no host sync, compiles with ``fullgraph=True``); it is mirrored in the
 persistent ``spn_phase`` buffer, so it is saved and restored by ``state_dict`` / ``load_state_dict``.
 """
 

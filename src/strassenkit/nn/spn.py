@@ -14,8 +14,11 @@ ternary_c  only the decoder ``w_c`` ternary
 frozen   all ternary and fixed: no gradient reaches them; a_hat / normalization / bias train
 ======== =================================================================================
 
-The phase is stored in a persistent int8 buffer ``spn_phase`` so it survives
-``state_dict()`` / ``load_state_dict()``.
+The forward pass reads the phase from a plain Python attribute (no tensor read, so no host sync
+per layer per step on a GPU, and ``torch.compile(fullgraph=True)`` specializes on it: switching the
+phase recompiles once). For ``state_dict()`` / ``load_state_dict()`` it is mirrored in a persistent
+int8 buffer ``spn_phase`` (the same key as before, on the layer's device): :meth:`SPNModule.set_phase`
+writes both, and loading a state dict restores the attribute from the loaded value.
 """
 
 from __future__ import annotations
@@ -52,38 +55,52 @@ class SPNModule(nn.Module):
     _encoders: tuple[str, ...] = ("w_b",)
     _decoders: tuple[str, ...] = ("w_c",)
 
-    def _init_phase(self, quantizer):
+    def _init_phase(self, quantizer, device=None):
         self.quantizer = _make_quantizer(quantizer)
-        self.register_buffer("spn_phase", torch.zeros((), dtype=torch.int8), persistent=True)
+        self._phase = "full"  # what forward reads: a Python attribute, never a tensor
+        # the state_dict copy of the phase (key "spn_phase", kept for checkpoint compatibility)
+        self.register_buffer("spn_phase", torch.zeros((), dtype=torch.int8, device=device), persistent=True)
 
     # ------------------------------------------------------------ phase
     @property
     def phase(self) -> str:
-        return PHASES[int(self.spn_phase)]
+        return self._phase
 
     def set_phase(self, phase: str) -> "SPNModule":
         """Switch the training phase (one of :data:`PHASES`); freezes the matrices in "frozen"."""
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-        self.spn_phase.fill_(PHASES.index(phase))
+        self._phase = phase
+        self.spn_phase.fill_(PHASES.index(phase))  # an asynchronous device write, no host read
         self._apply_requires_grad()
         return self
 
     def _apply_requires_grad(self):
-        frozen = self.phase == "frozen"
+        frozen = self._phase == "frozen"
         for name in self.ternary_names():
             getattr(self, name).requires_grad_(not frozen)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._apply_requires_grad()  # the phase buffer was just loaded: re-freeze if needed
+        value = state_dict.get(prefix + "spn_phase")
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and value.device.type != "meta":
+            # one host read at load time (not per step); a meta / fake value carries no phase
+            try:
+                idx = int(value.detach().reshape(()).item())
+            except (RuntimeError, NotImplementedError):  # e.g. a fake tensor: keep the current phase
+                idx = None
+            if idx is not None:
+                if not 0 <= idx < len(PHASES):
+                    raise ValueError(f"{prefix}spn_phase: {idx} is not a phase index (0..{len(PHASES) - 1})")
+                self._phase = PHASES[idx]
+        self._apply_requires_grad()  # the phase was just loaded: re-freeze if needed
 
     def ternary_names(self) -> tuple[str, ...]:
         return self._encoders + self._decoders
 
     def is_quantized(self, name: str) -> bool:
         """Whether matrix ``name`` is ternary in the current phase."""
-        ph = self.phase
+        ph = self._phase
         if ph in ("ternary", "frozen"):
             return True
         if ph == "ternary_b":
@@ -98,7 +115,7 @@ class SPNModule(nn.Module):
         if not self.is_quantized(name):
             return w
         q = self.quantizer(w)
-        return q.detach() if self.phase == "frozen" else q
+        return q.detach() if self._phase == "frozen" else q
 
     def ternary_parts(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(int8 values in {-1,0,1}, scale) of matrix ``name`` under this layer's quantizer."""
@@ -148,7 +165,7 @@ class SPNBilinear(SPNModule):
         self.w_b = nn.Parameter(torch.randn(rank, in_b, **kw) / math.sqrt(in_b))
         self.w_c = nn.Parameter(torch.randn(out, rank, **kw) / math.sqrt(rank))
         self.norm = None
-        self._init_phase(quantizer)
+        self._init_phase(quantizer, device)
 
     @classmethod
     def from_algorithm(cls, alg, quantizer="fixed", dtype=torch.float32) -> "SPNBilinear":
@@ -195,7 +212,7 @@ class SPNLinear(SPNModule):
         self.w_c = nn.Parameter(torch.randn(out_features, rank, **kw) / math.sqrt(rank))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
         self.norm = _make_norm(norm, rank, 1, device, dtype)
-        self._init_phase(quantizer)
+        self._init_phase(quantizer, device)
 
     def _hidden(self, z: torch.Tensor) -> torch.Tensor:
         if self.norm is None:
@@ -361,7 +378,7 @@ class SPNConv2d(SPNModule):
         self.w_c = nn.Parameter(torch.randn(rank, out_channels // groups, qh, qw, **kw_) / math.sqrt(rank // groups))
         self.bias = nn.Parameter(torch.zeros(out_channels, **kw_)) if bias else None
         self.norm = _make_norm(norm, rank, 2, device, dtype)
-        self._init_phase(quantizer)
+        self._init_phase(quantizer, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
