@@ -23,6 +23,8 @@ pure-PyTorch ops otherwise). Tests check one against the other.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..algorithms import BilinearAlgorithm
@@ -94,9 +96,20 @@ def stl_encode_weight_reference(w: torch.Tensor, enc_w: torch.Tensor, tile) -> t
 
 
 # --------------------------------------------------------------------------- the operator
+def _check_same_device(x, **operands) -> None:
+    """ValueError naming the first operand that is not on x's device (a meta operand has no values)."""
+    for name, t in operands.items():
+        if t is not None and t.device != x.device:
+            hint = (" (a meta tensor has no values: the layer was built on the meta device, or loaded with "
+                    "load_state_dict(assign=True) with this key missing; materialize it with .to_empty(device=...) "
+                    "and load its weights)" if t.is_meta else "; move both to one device with .to(device)")
+            raise ValueError(f"{name} is on device {t.device} but x is on {x.device}{hint}")
+
+
 def _check_apply(x, w_hat, enc_x, dec, tile):
     for name, t in (("x", x), ("w_hat", w_hat), ("enc_x", enc_x), ("dec", dec)):
         _check_float(name, t)
+    _check_same_device(x, w_hat=w_hat, enc_x=enc_x, dec=dec)
     n, m, p = tile_format(enc_x, dec, tile)
     if x.dim() < 2:
         raise ValueError(f"x must have at least 2 dims (..., M, K), got shape {tuple(x.shape)}")
@@ -138,14 +151,15 @@ def stl_apply(
             f"out_features must be an int in ({(Nt - 1) * p}, {Nt * p}] for w_hat with {Nt} column tiles of {p}, got {N!r}"
         )
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):  # meta has no autocast
         adt = torch.get_autocast_dtype(dev)
         x, w_hat, enc_x, dec = (t.to(adt) for t in (x, w_hat, enc_x, dec))
         with torch.autocast(dev, enabled=False):
             return stl_apply(x, w_hat, enc_x, dec, (n, m, p), N)
-    x3 = x.reshape(-1, M, K)
-    if x3.shape[0] == 0 or M == 0:
-        return x.new_zeros((*lead, M, N))
+    x3 = x.reshape(math.prod(lead), M, K)  # not -1: ambiguous when M == 0
+    if x3.numel() == 0:  # no rows or K == 0: zeros, like x @ w; every operand gets a zero gradient of its shape
+        link = sum(t.reshape(-1)[:0].sum() for t in (x, w_hat, enc_x, dec))  # exactly 0, never NaN
+        return x.new_zeros((*lead, M, N)) + link.to(x.dtype)
     if _ops.flop_counting_active():  # FlopCounterMode cannot look inside a custom op
         return _ops.stl_forward_plain(x3, w_hat, enc_x, dec, n, m, p, N).reshape(*lead, M, N)
     y, _x_hat, _prod = _ops.stl_forward(x3, w_hat, enc_x, dec, n, m, p, N)

@@ -58,10 +58,14 @@ class STLinear(nn.Module):
         row_tile = tile if row_tile is None else row_tile
         self.in_features, self.out_features = in_features, out_features
         self.tile, self.row_tile, self.rank = tile, row_tile, rank
-        alg = resolve(init, row_tile, tile, tile, rank, seed)
+        with torch.device("cpu"):  # the init family computes on CPU even inside `with torch.device("meta")`
+            alg = resolve(init, row_tile, tile, tile, rank, seed)
+            mats = alg.stl_matrices()
         self.init_name = alg.name
+        if device is None:  # like nn.Linear: honour a surrounding `with torch.device(...)` block
+            device = torch.empty(0).device
         factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
-        enc_x, enc_w, dec = (t.to(**factory) for t in alg.stl_matrices())
+        enc_x, enc_w, dec = (t.to(**factory) for t in mats)
         self.enc_x = nn.Parameter(enc_x)
         self.dec = nn.Parameter(dec)
         self.register_buffer("enc_w", enc_w)
@@ -76,7 +80,13 @@ class STLinear(nn.Module):
         return (self.row_tile, self.tile, self.tile)
 
     def reset_parameters(self) -> None:
-        """Encode a dense weight initialized like nn.Linear's (kaiming-uniform, a=sqrt(5))."""
+        """Encode a dense weight initialized like nn.Linear's (kaiming-uniform, a=sqrt(5)).
+
+        On the meta device there are no values to initialize (as for nn.Linear): nothing is done;
+        ``to_empty(device=...)`` then ``load_state_dict`` (or this method) fills the layer.
+        """
+        if self.w_hat.is_meta:
+            return
         dense = torch.empty(self.out_features, self.in_features, dtype=self.w_hat.dtype, device=self.w_hat.device)
         nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
         self.load_dense_weight(dense)
@@ -92,8 +102,13 @@ class STLinear(nn.Module):
                 f"weight must have shape (out_features={self.out_features}, in_features={self.in_features}), "
                 f"got {tuple(weight.shape)}"
             )
-        if not torch.isfinite(weight).all():
+        if weight.device != self.w_hat.device and not self.w_hat.is_meta:
+            raise ValueError(f"weight is on device {weight.device} but the layer is on {self.w_hat.device}; "
+                             f"move one of them with .to(device)")
+        if not weight.is_meta and not torch.isfinite(weight).all():
             raise ValueError("weight contains NaN or infinite values; fix the source layer before converting it")
+        if self.w_hat.is_meta:  # no values to encode
+            return
         w_hat = stl_encode_weight(weight.T.to(self.enc_w.dtype), self.enc_w, self.format)
         self.w_hat.copy_(w_hat)
 
@@ -114,7 +129,8 @@ class STLinear(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        if not torch.isfinite(linear.weight).all() or (linear.bias is not None and not torch.isfinite(linear.bias).all()):
+        if not linear.weight.is_meta and (not torch.isfinite(linear.weight).all()
+                                          or (linear.bias is not None and not torch.isfinite(linear.bias).all())):
             raise ValueError("linear has NaN or infinite weights or bias; cannot convert a broken layer")
         alg = exact_algorithm(init)  # None for a family such as "random"
         if alg is not None:
@@ -143,6 +159,13 @@ class STLinear(nn.Module):
                 f"axis: tiles would mix rows of different samples. Pass (batch, seq, features), or build the layer "
                 f"with row_tile=1 (1 x t strips, which never mix rows)"
             )
+        for name in ("w_hat", "enc_x", "dec", "bias"):
+            t = getattr(self, name)
+            if t is not None and t.device != x.device:
+                hint = (" (a meta tensor has no values: the layer was built on the meta device, or loaded with "
+                        "load_state_dict(assign=True) without this key; call .to_empty(device=...) and load its "
+                        "weights)" if t.is_meta else f"; move the layer with .to({str(x.device)!r}) or the input")
+                raise ValueError(f"STLinear.{name} is on device {t.device} but the input x is on {x.device}{hint}")
         squeeze = x.dim() == 1
         if squeeze:
             x = x.unsqueeze(0)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._utils import check_int
 from ..nn.stlinear import STLinear
 
 __all__ = ["calibrate_", "CalibrationReport", "LayerCalibration", "TileData", "fit_w_hat", "fit_w_hat_reference",
@@ -324,15 +325,53 @@ def _record(model, names: list[str], batches, stop_after: str | None = None) -> 
         handles.append(mods[n].register_forward_pre_hook(make(n)))
     try:
         with torch.no_grad():
-            for b in batches:
+            for i, b in enumerate(batches):
                 try:
                     _call(model, b)
                 except _Stop:
                     pass
+                except Exception as e:
+                    raise _batch_error(e, i, b) from e
     finally:
         for h in handles:
             h.remove()
     return rec
+
+
+def _describe(batch) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f"a tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, dict):
+        return "a dict {" + ", ".join(f"{k}: {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}"
+                                       for k, v in batch.items()) + "}"
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of {len(batch)} items"
+    return f"a {type(batch).__name__}"
+
+
+def _batch_error(e: Exception, i: int, batch) -> Exception:
+    """``e`` with the batch that caused it named (same type when it can be rebuilt from a message)."""
+    msg = (f"calibrate_: the model failed on batch {i} ({_describe(batch)}): {e}. Batches must be model inputs: "
+           f"tensor -> model(t), tuple -> model(*t), dict -> model(**t)")
+    try:
+        return type(e)(msg)
+    except Exception:  # noqa: BLE001 - exception types whose constructor takes other arguments
+        return RuntimeError(msg)
+
+
+def _check_inputs(name: str, layer: STLinear, xs: list[torch.Tensor], what: str) -> None:
+    """Recorded inputs of ``layer`` must have its feature size, be finite and not all zero (clear errors)."""
+    for i, x in enumerate(xs):
+        if x.shape[-1] != layer.in_features:
+            raise ValueError(f"calibrate_: layer {name!r} expects inputs with {layer.in_features} features but got shape "
+                             f"{tuple(x.shape)} from {what} {i}; pass batches the model accepts (the model's inputs, "
+                             f"not this layer's)")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"calibrate_: layer {name!r} received NaN or infinite inputs from {what} {i} (shape "
+                             f"{tuple(x.shape)}); clean the batches (or the earlier layers that produce them)")
+    if all(not bool(x.any()) for x in xs):
+        raise ValueError(f"calibrate_: layer {name!r} received only zero inputs from all {what}es, so there is nothing to fit "
+                         f"(the least-squares fit would set w_hat to 0); pass batches of real data")
 
 
 def _dense_weight(name: str, layer: STLinear, reference: nn.Module | None) -> torch.Tensor:
@@ -398,6 +437,11 @@ def calibrate_(
     X. Reported per layer: relative error ||.||/||X W^T|| and SQNR = 20 log10(1/rel.err) dB, before
     and after.
     """
+    check_int("alternate", alternate, lo=0)
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not (math.isfinite(ridge) and ridge >= 0):
+        raise ValueError(f"ridge must be a finite number >= 0 (relative Tikhonov term, default 1e-6), got {ridge!r}")
+    if isinstance(layers, str):
+        layers = [layers]
     batches = _as_list(batches, "batches")
     heldout = _as_list(heldout, "heldout")
     stl = [(n, m) for n, m in model.named_modules() if isinstance(m, STLinear)]
@@ -423,6 +467,7 @@ def calibrate_(
     try:
         for name, layer in bar:
             xs = pre[name] if pre is not None else _record(model, [name], batches, stop_after=name)[name]
+            _check_inputs(name, layer, xs, "batch")
             W = weights[name]
             ys = [x @ W.T for x in xs]
             d = TileData.from_activations(xs, ys, layer.row_tile, layer.tile)
@@ -443,6 +488,7 @@ def calibrate_(
             hb = ha = None
             if heldout is not None:
                 hx = _record(model, [name], heldout, stop_after=name)[name]
+                _check_inputs(name, layer, hx, "heldout batch")
                 dh = TileData.from_activations(hx, [x @ W.T for x in hx], layer.row_tile, layer.tile)
                 hb = tile_error(dh, layer.enc_x.detach().cpu(), layer.w_hat.detach().cpu(), layer.dec.detach().cpu())[0]
                 ha = tile_error(dh, enc_x, w_hat, dec)[0]

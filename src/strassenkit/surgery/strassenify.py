@@ -34,6 +34,7 @@ __all__ = ["strassenify_", "inspect_targets", "densify_", "InspectReport"]
 
 def _build(model, rows) -> dict[str, nn.Module]:
     mods = dict(model.named_modules())
+    aliases = _aliases(model)
     new = {}
     for row in rows:
         if row.status != "convert":
@@ -45,6 +46,9 @@ def _build(model, rows) -> dict[str, nn.Module]:
             raise type(e)(f"converting {row.name} ({row.module_type} {row.shape}) with {cfg!r} failed: {e}; "
                           f"the model was not changed") from e
         row.new_type = type(new[row.name]).__name__
+        others = [a for a in aliases.get(id(mods[row.name]), []) if a != row.name]
+        if others:
+            row.reason = f"one module registered under {[row.name, *others]}: converted once, stays shared"
     return new
 
 
@@ -52,6 +56,55 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, new)
+
+
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    """{id(module): every name it is registered under} (a shared module has several)."""
+    out: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if n:
+            out.setdefault(id(m), []).append(n)
+    return out
+
+
+def _no_fused_fast_path(module, args):  # a forward pre-hook that does nothing (see _keep_off_fused_paths)
+    return None
+
+
+def _keep_off_fused_paths(model: nn.Module, names) -> None:
+    """Keep torch's fused transformer kernels off converted layers (they read ``linear1.weight`` directly).
+
+    ``nn.TransformerEncoderLayer`` in eval mode skips its fused path when a submodule has a forward hook,
+    so converted (non-Linear) children get a no-op pre-hook; an ``nn.TransformerEncoder`` above them gets
+    ``use_nested_tensor = False`` (its nested-tensor path reads the first layer's weights too).
+    """
+    names = set(names)
+    for pname, parent in model.named_modules():
+        if isinstance(parent, nn.TransformerEncoderLayer):
+            for cname, child in parent.named_children():
+                full = f"{pname}.{cname}" if pname else cname
+                if (full in names and not isinstance(child, nn.Linear)
+                        and _no_fused_fast_path not in child._forward_pre_hooks.values()):
+                    child.register_forward_pre_hook(_no_fused_fast_path)
+        elif isinstance(parent, nn.TransformerEncoder) and any(n.startswith(f"{pname}.") or not pname for n in names):
+            parent.use_nested_tensor = False
+
+
+def _apply(model: nn.Module, new: dict[str, nn.Module], copy_each: bool = False) -> list[str]:
+    """Put every new module in place under each name its old module is registered under; returns the names.
+
+    A module registered under several names (shared) is replaced by one new module everywhere, so it stays shared.
+    """
+    mods = dict(model.named_modules(remove_duplicate=False))
+    aliases = _aliases(model)
+    done = []
+    for name, mod in new.items():
+        mod = copy.deepcopy(mod) if copy_each else mod
+        for alias in aliases.get(id(mods[name]), [name]):
+            _set_module(model, alias, mod)
+            done.append(alias)
+    _keep_off_fused_paths(model, done)
+    return done
 
 
 def _warn_rows(rows, converted: int, targets, who: str) -> None:
@@ -80,10 +133,9 @@ def strassenify_(
     """
     rows = plan(model, config, targets, exclude, causal, head, filter_fn)
     new = _build(model, rows)
-    for name, mod in new.items():
-        _set_module(model, name, mod)
+    done = _apply(model, new)  # a shared module is converted once and stays shared under all its names
     _warn_rows(rows, len(new), targets if not isinstance(config, dict) else config, "strassenify_")
-    return list(new)
+    return done
 
 
 # ------------------------------------------------------------------ dry run
@@ -174,12 +226,14 @@ def inspect_targets(
             example_inputs = (example_inputs,)
         dense = {c.name: c for c in count(model, *example_inputs).layers}
         converted = copy.deepcopy(model)
-        for name, mod in new.items():
-            _set_module(converted, name, copy.deepcopy(mod))
+        _apply(converted, new, copy_each=True)
+        conv = {}
         try:
             conv = {c.name: c for c in count(converted, *example_inputs).layers}
+            converted.eval()  # again without counting hooks, in eval mode: fused fast paths differ there
+            with torch.no_grad():
+                converted(*example_inputs)
         except Exception as e:  # noqa: BLE001 - reported, not raised: this is a dry run
-            conv = {}
             report.example_error = f"{type(e).__name__}: {e}"
         for row in rows:
             d = dense.get(row.name)

@@ -202,6 +202,23 @@ def _rule(config, name: str, module: nn.Module, all_linear: bool, pats: list[str
 _MISSING = object()
 
 
+def _tied_between_modules(model: nn.Module) -> dict[str, list[str]]:
+    """{module name: other modules' names} for convertible modules holding a parameter another module holds too.
+
+    (A module registered under two names is one module, not a tie: it is converted once and stays shared.)
+    """
+    owners: dict[int, list[str]] = {}
+    for n, m in model.named_modules():  # each module once, under its first name
+        if n and not isinstance(m, nn.Embedding):
+            for p in m.parameters(recurse=False):
+                owners.setdefault(id(p), []).append(n)
+    out: dict[str, list[str]] = {}
+    for names in owners.values():
+        for n in names if len(names) > 1 else ():
+            out.setdefault(n, []).extend(o for o in names if o != n and o not in out.get(n, []))
+    return out
+
+
 def plan(model: nn.Module, config, targets="all-linear", exclude=None, causal: bool = False, head="auto",
          filter_fn=None) -> list[TargetRow]:
     """Decide, for every relevant module, whether and how it is converted (changes nothing)."""
@@ -216,6 +233,7 @@ def plan(model: nn.Module, config, targets="all-linear", exclude=None, causal: b
     excl = patterns(exclude, "exclude")
     heads = find_heads(model, head) if all_linear else set()
     causal = bool(causal) or is_causal_model(model)
+    tied_modules = _tied_between_modules(model)
     mha_children = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
                     for c, _ in m.named_children()}
 
@@ -246,6 +264,10 @@ def plan(model: nn.Module, config, targets="all-linear", exclude=None, causal: b
         r = row("convert", config_dict=cfg.to_dict())
         if any(match(p, name) for p in excl):
             r.status, r.reason = "excluded", "matched exclude"
+        elif name in tied_modules:
+            r.status, r.reason = "unsupported", (
+                f"shares a weight with {', '.join(tied_modules[name])}: converting would untie them into independent "
+                f"layers; skipped (register one module under both names to convert it once, shared)")
         elif name in heads and not explicit:
             r.status, r.reason = "head", "output head kept dense (pass head=None to convert it)"
         elif not isinstance(module, kinds):
