@@ -7,9 +7,12 @@ Layers (bottom to top): ``algorithms`` <- ``functional`` <- ``nn`` <- ``surgery`
 from . import algorithms, cost, functional, nn, runtime, surgery, train
 from .nn import STLinear
 from .nn import SPNBilinear, SPNConv2d, SPNLinear, set_phase
-from .surgery import SPNConfig, STLConfig, calibrate_, densify_, inspect_targets, strassenify_
+from .nn.padding import row_mask
+from .surgery import (PerModuleConfig, SPNConfig, STLConfig, calibrate_, densify_, from_pretrained, inspect_targets,
+                      save_pretrained, strassenify_, unload_)
 
 __version__ = "0.1.0"
 
 __all__ = ["algorithms", "functional", "nn", "surgery", "train", "cost", "runtime", "STLinear", "SPNBilinear", "SPNLinear", "SPNConv2d", "set_phase", "__version__",
-           "strassenify_", "inspect_targets", "calibrate_", "densify_", "STLConfig", "SPNConfig"]
+           "strassenify_", "inspect_targets", "calibrate_", "densify_", "unload_", "STLConfig", "SPNConfig",
+           "PerModuleConfig", "save_pretrained", "from_pretrained", "row_mask"]

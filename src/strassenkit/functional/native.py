@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .._utils import cache_dir
+
 __all__ = ["available", "load", "enabled", "build_info"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "stl_kernels.cpp"
@@ -48,9 +50,7 @@ def _flags() -> list[str]:
 
 
 def _build_dir(name: str) -> Path:
-    root = os.environ.get("STRASSENKIT_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "strassenkit"
-    return base / "native" / name
+    return cache_dir() / "native" / name
 
 
 def _name() -> str:

@@ -21,8 +21,28 @@ from torch import nn
 from .._utils import ceil_div, check_int
 from ..algorithms import BilinearAlgorithm, exact_algorithm, resolve
 from ..functional.stl import stl_apply, stl_encode_weight
+from .padding import current_row_mask
 
-__all__ = ["STLinear"]
+__all__ = ["STLinear", "is_linear_like", "dense_weight_of"]
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and relatives): a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """True for nn.Linear and for transformers' Conv1D (same map, weight stored transposed)."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def dense_weight_of(module: nn.Module) -> torch.Tensor:
+    """The (out_features, in_features) weight of an nn.Linear or a transformers Conv1D (a view, not a copy)."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if _is_conv1d(module):
+        return module.weight.t()
+    raise TypeError(f"expected an nn.Linear or transformers Conv1D, got {type(module).__name__}")
 
 
 class STLinear(nn.Module):
@@ -115,21 +135,24 @@ class STLinear(nn.Module):
     @classmethod
     def from_linear(
         cls,
-        linear: nn.Linear,
+        linear: nn.Module,
         init: str | BilinearAlgorithm = "strassen_x_strassen",
         tile: int | None = None,
         rank: int | None = None,
         row_tile: int | None = None,
         seed: int = 0,
     ) -> "STLinear":
-        """Encode a dense nn.Linear. With an exact algorithm the output equals the dense layer's.
+        """Encode a dense nn.Linear (or transformers' GPT-2 style ``Conv1D``, weight (in, out)).
+
+        With an exact algorithm the output equals the dense layer's.
 
         ``tile``/``rank``/``row_tile`` default to the algorithm's format when ``init`` is a
         BilinearAlgorithm or catalogue name; they are required for families such as "random".
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        if not linear.weight.is_meta and (not torch.isfinite(linear.weight).all()
+        if not is_linear_like(linear):
+            raise TypeError(f"from_linear expects an nn.Linear or transformers Conv1D, got {type(linear).__name__}")
+        weight = dense_weight_of(linear)
+        if not weight.is_meta and (not torch.isfinite(weight).all()
                                           or (linear.bias is not None and not torch.isfinite(linear.bias).all())):
             raise ValueError("linear has NaN or infinite weights or bias; cannot convert a broken layer")
         alg = exact_algorithm(init)  # None for a family such as "random"
@@ -139,9 +162,9 @@ class STLinear(nn.Module):
             tile, rank, row_tile = tile or alg.m, rank or alg.rank, row_tile or alg.n
         if tile is None or rank is None:
             raise ValueError(f"init={init!r} is a family: pass tile= and rank= explicitly")
-        w = linear.weight
+        w = weight
         layer = cls(
-            linear.in_features, linear.out_features, bias=linear.bias is not None, tile=tile, rank=rank,
+            w.shape[1], w.shape[0], bias=linear.bias is not None, tile=tile, rank=rank,
             init=init if alg is None else alg, row_tile=row_tile, seed=seed, device=w.device, dtype=w.dtype,
         )
         layer.load_dense_weight(w.detach())
@@ -166,6 +189,10 @@ class STLinear(nn.Module):
                         "load_state_dict(assign=True) without this key; call .to_empty(device=...) and load its "
                         "weights)" if t.is_meta else f"; move the layer with .to({str(x.device)!r}) or the input")
                 raise ValueError(f"STLinear.{name} is on device {t.device} but the input x is on {x.device}{hint}")
+        if self.row_tile > 1:
+            mask = current_row_mask()
+            if mask is not None:  # padding rows must not share a tile with real rows (see nn.padding)
+                x = mask.apply(x, f"STLinear({self.in_features}, {self.out_features}, row_tile={self.row_tile})")
         squeeze = x.dim() == 1
         if squeeze:
             x = x.unsqueeze(0)
@@ -173,6 +200,38 @@ class STLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.squeeze(0) if squeeze else y
+
+    # ---------------------------------------------------------------- the dense layer it replaced
+    def keep_original(self, module: nn.Module) -> None:
+        """Keep the dense layer this one replaced (for :meth:`to_original` and calibration).
+
+        It is held outside the module tree (not in ``state_dict``, not moved by ``.to()``, not a
+        parameter), so it costs memory but nothing else; ``STLConfig(keep_dense_weight=False)`` skips it.
+        """
+        if not is_linear_like(module):
+            raise TypeError(f"keep_original expects an nn.Linear or transformers Conv1D, got {type(module).__name__}")
+        self.__dict__["_original"] = module
+
+    @property
+    def original(self) -> nn.Module | None:
+        """The dense layer this one replaced, if it was kept (see :meth:`keep_original`)."""
+        return self.__dict__.get("_original")
+
+    @property
+    def dense_weight(self) -> torch.Tensor | None:
+        """(out_features, in_features) weight of the replaced dense layer, or None if it was not kept."""
+        orig = self.original
+        return None if orig is None else dense_weight_of(orig).detach()
+
+    def to_original(self) -> nn.Module:
+        """The dense layer this one replaced, exactly as it was (moved to this layer's device and dtype)."""
+        orig = self.original
+        if orig is None:
+            raise ValueError(
+                "this STLinear does not hold the dense layer it replaced (converted with keep_dense_weight=False, "
+                "or loaded from disk); use to_dense() for row_tile=1 layers, or reconvert from the dense model"
+            )
+        return orig.to(device=self.w_hat.device, dtype=self.w_hat.dtype)
 
     @property
     def has_dense_equivalent(self) -> bool:

@@ -3,14 +3,16 @@ pretrained conversion by least-squares calibration (``calibrate_``) and export (
 
 Rooms: ``config`` (configs, each with its transform registered beside it), ``targets`` (the one
 matcher: which module gets which config), ``strassenify`` (strassenify_ / inspect_targets / densify_
-on top of them), ``calibrate`` (least squares on real activations).
+on top of them), ``record`` (what a conversion leaves on the model: its record and the padding hook),
+``pretrained`` (save/load of converted models), ``calibrate`` (least squares on real activations).
 """
 
 from .calibrate import CalibrationReport, calibrate_
 from .config import (PerModuleConfig, SPNConfig, STLConfig, config_from_dict, config_from_json, is_config,
                      register_transform)
-from .strassenify import InspectReport, densify_, inspect_targets, strassenify_
-from .targets import TargetRow, is_causal_model, plan
+from .pretrained import from_pretrained, save_pretrained
+from .strassenify import InspectReport, densify_, inspect_targets, strassenify_, unload_
+from .targets import TargetRow, detect_causal, is_causal_model, plan
 
 __all__ = [
     "STLConfig",
@@ -23,8 +25,12 @@ __all__ = [
     "strassenify_",
     "inspect_targets",
     "densify_",
+    "unload_",
+    "save_pretrained",
+    "from_pretrained",
     "plan",
     "is_causal_model",
+    "detect_causal",
     "InspectReport",
     "TargetRow",
     "calibrate_",

@@ -39,7 +39,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._utils import check_int
+from ..nn.padding import current_row_mask, row_mask
 from ..nn.stlinear import STLinear
+from .record import attention_mask_of
 
 __all__ = ["calibrate_", "CalibrationReport", "LayerCalibration", "TileData", "fit_w_hat", "fit_w_hat_reference",
            "fit_dec", "fit_enc_x", "tile_error"]
@@ -64,28 +66,49 @@ class TileData:
     last_cols: int
 
     @classmethod
-    def from_activations(cls, xs: list[torch.Tensor], ys: list[torch.Tensor], n: int, t: int) -> "TileData":
-        """xs: inputs (..., L, K); ys: targets (..., L, N) (2-D inputs are one row per sample)."""
+    def from_activations(cls, xs: list[torch.Tensor], ys: list[torch.Tensor], n: int, t: int,
+                         masks: list[torch.Tensor | None] | None = None) -> "TileData":
+        """xs: inputs (..., L, K); ys: targets (..., L, N) (2-D inputs are one row per sample).
+
+        masks: optional (B, L) real-row masks per input (right padding for n > 1): padding rows are
+        zeroed (as the layer's forward does) and excluded from the fit; tiles without real rows are dropped.
+        """
         Xs, Ys, Vs = [], [], []
         N = None
-        for x, y in zip(xs, ys):
+        masks = masks if masks is not None else [None] * len(xs)
+        for x, y, m in zip(xs, ys, masks):
             if x.dim() == 1:
                 x, y = x[None], y[None]
             if x.dim() == 2:  # (batch, K): one row per sample (only valid for row_tile == 1)
                 x, y = x[:, None, :], y[:, None, :]
+                m = None
             K, N = x.shape[-1], y.shape[-1]
             L = x.shape[-2]
+            real = None
+            if m is not None and tuple(m.shape) == tuple(x.shape[:-1]):
+                real = m.reshape(-1, L).to(device=x.device, dtype=torch.bool)
             x = x.reshape(-1, L, K).double()
             y = y.reshape(-1, L, N).double()
+            if real is not None:
+                x = x * real[..., None]
+                y = y * real[..., None]
             B = x.shape[0]
             Mt, Kt, Nt = math.ceil(L / n), math.ceil(K / t), math.ceil(N / t)
             xp = F.pad(x, (0, Kt * t - K, 0, Mt * n - L))
             yp = F.pad(y, (0, Nt * t - N, 0, Mt * n - L))
-            Xs.append(xp.reshape(B, Mt, n, Kt, t).permute(0, 1, 2, 4, 3).reshape(B * Mt, n * t, Kt))
-            Ys.append(yp.reshape(B, Mt, n, Nt, t).permute(0, 1, 2, 4, 3).reshape(B * Mt, n * t, Nt))
-            v = torch.full((Mt,), n, dtype=torch.long)
-            v[-1] = L - (Mt - 1) * n
-            Vs.append(v.repeat(B))
+            X = xp.reshape(B, Mt, n, Kt, t).permute(0, 1, 2, 4, 3).reshape(B * Mt, n * t, Kt)
+            Y = yp.reshape(B, Mt, n, Nt, t).permute(0, 1, 2, 4, 3).reshape(B * Mt, n * t, Nt)
+            if real is None:
+                v = torch.full((Mt,), n, dtype=torch.long)
+                v[-1] = L - (Mt - 1) * n
+                v = v.repeat(B)
+            else:
+                v = F.pad(real.long(), (0, Mt * n - L)).reshape(B * Mt, n).sum(1).cpu()
+                keep = v > 0
+                X, Y, v = X[keep], Y[keep], v[keep]
+            Xs.append(X)
+            Ys.append(Y)
+            Vs.append(v)
         return cls(torch.cat(Xs), torch.cat(Ys), torch.cat(Vs), n, t, N - (math.ceil(N / t) - 1) * t)
 
     def mask(self) -> torch.Tensor:
@@ -266,6 +289,12 @@ class LayerCalibration:
     history: list = field(default_factory=list)  # (step, rel_err) after each fit step
     rel_err_heldout_before: float | None = None
     rel_err_heldout_after: float | None = None
+    equations: int = 0  # per output column block: real rows x tile outputs
+    unknowns: int = 0  # per output column block: rank x ceil(K / tile) entries of w_hat
+
+    @property
+    def underdetermined(self) -> bool:
+        return self.equations < self.unknowns
 
 
 @dataclass
@@ -279,14 +308,16 @@ class CalibrationReport:
         return json.dumps(self.to_dict(), indent=kw.pop("indent", 2), **kw)
 
     def table(self) -> str:
-        head = (f"{'layer':<32} {'shape':<12} {'format':<9} {'r':>3} {'rows':>7} {'rel.err before':>14} "
-                f"{'SQNR dB':>8} {'rel.err after':>13} {'SQNR dB':>8}")
+        head = (f"{'layer':<32} {'shape':<12} {'format':<9} {'r':>3} {'rows':>7} {'eqs/unknowns':>12} "
+                f"{'rel.err before':>14} {'SQNR dB':>8} {'rel.err after':>13} {'SQNR dB':>8}")
         lines = [head, "-" * len(head)]
         for c in self.layers:
             fmt = "<{},{},{}>".format(*c.format)
+            ratio = f"{c.equations / c.unknowns:.2f}" if c.unknowns else "-"
             lines.append(
-                f"{c.name[:32]:<32} {c.shape:<12} {fmt:<9} {c.rank:>3} {c.rows:>7} {c.rel_err_before:>14.4f} "
+                f"{c.name[:32]:<32} {c.shape:<12} {fmt:<9} {c.rank:>3} {c.rows:>7} {ratio:>12} {c.rel_err_before:>14.4f} "
                 f"{c.sqnr_db_before:>8.2f} {c.rel_err_after:>13.4f} {c.sqnr_db_after:>8.2f}"
+                + ("  UNDERDETERMINED" if c.underdetermined else "")
             )
         return "\n".join(lines)
 
@@ -296,16 +327,23 @@ class _Stop(Exception):
     pass
 
 
-def _call(model, batch):
-    if isinstance(batch, dict):
-        return model(**batch)
+def _as_call(batch) -> tuple[tuple, dict]:
+    """(args, kwargs) of the model call for one batch: dict -> model(**b), tuple -> model(*b), else model(b)."""
+    if isinstance(batch, dict) or (hasattr(batch, "keys") and hasattr(batch, "__getitem__")):  # incl. BatchEncoding
+        return (), dict(batch)
     if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
+        return tuple(batch), {}
+    return (batch,), {}
 
 
-def _record(model, names: list[str], batches, stop_after: str | None = None) -> dict[str, list[torch.Tensor]]:
-    """Run ``model`` on ``batches`` and return the first positional input each named module received."""
+def _record(model, names: list[str], batches, stop_after: str | None = None, masks: dict | None = None
+            ) -> dict[str, list[torch.Tensor]]:
+    """Run ``model`` on ``batches`` and return the first positional input each named module received.
+
+    Each call runs under the batch's ``attention_mask`` as row mask (:mod:`strassenkit.nn.padding`), as the
+    converted model's own hook does; ``masks`` (if given) receives, per module, the (B, L) real-row mask
+    that matched each recorded input, or None.
+    """
     mods = dict(model.named_modules())
     rec: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     handles = []
@@ -314,6 +352,9 @@ def _record(model, names: list[str], batches, stop_after: str | None = None) -> 
         def hook(module, args, kwargs=None):
             x = args[0] if args else next(iter(kwargs.values()))
             rec[name].append(x.detach().to("cpu", torch.float64))
+            if masks is not None:
+                rm = current_row_mask()
+                masks.setdefault(name, []).append(rm.mask.cpu() if rm is not None and rm.matches(x) else None)
             if stop_after == name:
                 raise _Stop
 
@@ -326,8 +367,10 @@ def _record(model, names: list[str], batches, stop_after: str | None = None) -> 
     try:
         with torch.no_grad():
             for i, b in enumerate(batches):
+                args, kwargs = _as_call(b)
                 try:
-                    _call(model, b)
+                    with row_mask(attention_mask_of(model, args, kwargs)):
+                        model(*args, **kwargs)
                 except _Stop:
                     pass
                 except Exception as e:
@@ -461,16 +504,30 @@ def calibrate_(
     pre = None
     if not sequential:
         src = reference if reference is not None else model
-        pre = _record(src, [n for n, _ in stl], batches)
+        pre_masks: dict = {}
+        pre = _record(src, [n for n, _ in stl], batches, masks=pre_masks)
     results = []
     bar = tqdm(stl, desc="calibrate", disable=not progress, leave=False)
     try:
         for name, layer in bar:
-            xs = pre[name] if pre is not None else _record(model, [name], batches, stop_after=name)[name]
+            if pre is not None:
+                xs, ms = pre[name], pre_masks.get(name)
+            else:
+                rec_masks: dict = {}
+                xs = _record(model, [name], batches, stop_after=name, masks=rec_masks)[name]
+                ms = rec_masks.get(name)
             _check_inputs(name, layer, xs, "batch")
             W = weights[name]
             ys = [x @ W.T for x in xs]
-            d = TileData.from_activations(xs, ys, layer.row_tile, layer.tile)
+            d = TileData.from_activations(xs, ys, layer.row_tile, layer.tile, ms)
+            equations, unknowns = int(d.valid.sum()) * layer.tile, layer.rank * d.Xt.shape[2]
+            if equations < unknowns:
+                warnings.warn(
+                    f"calibrate_: {name} is underdetermined: {int(d.valid.sum())} real rows give {equations} equations "
+                    f"per output column block for {unknowns} unknowns of w_hat, so the fit can match these batches "
+                    f"exactly and generalise badly. Pass more batches (>= {math.ceil(unknowns / layer.tile)} real "
+                    f"rows), a larger ridge= (e.g. 1e-2), and heldout= batches to see the error on unseen data",
+                    stacklevel=2)
             enc_x, dec, w_hat = (p.detach().cpu().double() for p in (layer.enc_x, layer.dec, layer.w_hat))
             rel0, sq0 = tile_error(d, enc_x, w_hat, dec)
             hist = []
@@ -487,9 +544,10 @@ def calibrate_(
             rel1, sq1 = tile_error(d, enc_x, w_hat, dec)
             hb = ha = None
             if heldout is not None:
-                hx = _record(model, [name], heldout, stop_after=name)[name]
+                h_masks: dict = {}
+                hx = _record(model, [name], heldout, stop_after=name, masks=h_masks)[name]
                 _check_inputs(name, layer, hx, "heldout batch")
-                dh = TileData.from_activations(hx, [x @ W.T for x in hx], layer.row_tile, layer.tile)
+                dh = TileData.from_activations(hx, [x @ W.T for x in hx], layer.row_tile, layer.tile, h_masks.get(name))
                 hb = tile_error(dh, layer.enc_x.detach().cpu(), layer.w_hat.detach().cpu(), layer.dec.detach().cpu())[0]
                 ha = tile_error(dh, enc_x, w_hat, dec)[0]
             with torch.no_grad():
@@ -498,7 +556,7 @@ def calibrate_(
                 layer.enc_x.copy_(enc_x.to(layer.enc_x))
             results.append(LayerCalibration(
                 name, f"{layer.in_features}->{layer.out_features}", layer.format, layer.rank,
-                int((d.valid).sum()), rel0, sq0, rel1, sq1, hist, hb, ha,
+                int((d.valid).sum()), rel0, sq0, rel1, sq1, hist, hb, ha, equations, unknowns,
             ))
             bar.set_postfix(layer=name, err=f"{rel0:.3f}->{rel1:.3f}")
     finally:

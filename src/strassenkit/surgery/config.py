@@ -25,6 +25,7 @@ from torch import nn
 
 from .._utils import check_int
 from ..nn import SPNConv2d, SPNLinear, STLinear
+from ..nn.stlinear import is_linear_like
 
 __all__ = [
     "STLConfig",
@@ -34,6 +35,7 @@ __all__ = [
     "is_config",
     "transform_for",
     "supported_types",
+    "supports",
     "config_from_dict",
     "config_from_json",
 ]
@@ -147,18 +149,20 @@ class SPNConfig(_ConfigBase):
 
 
 # ------------------------------------------------------------------ registry
-_TRANSFORMS: dict[type, tuple[Callable, tuple[type, ...]]] = {}
+_TRANSFORMS: dict[type, tuple[Callable, tuple[type, ...], Callable | None]] = {}
 _CONFIG_TYPES: dict[str, type] = {"STLConfig": STLConfig, "SPNConfig": SPNConfig}
 
 
-def register_transform(config_type: type, module_types: tuple[type, ...]):
+def register_transform(config_type: type, module_types: tuple[type, ...], accepts: Callable | None = None):
     """Decorator: register ``fn(module, config, name) -> nn.Module`` for ``config_type``.
 
-    ``module_types`` are the module classes the transform accepts (exact type or subclass).
+    ``module_types`` are the module classes the transform accepts (exact type or subclass);
+    ``accepts(module) -> bool``, when given, decides instead (for duck-typed modules such as
+    transformers' Conv1D, which strassenkit does not import).
     """
 
     def deco(fn):
-        _TRANSFORMS[config_type] = (fn, tuple(module_types))
+        _TRANSFORMS[config_type] = (fn, tuple(module_types), accepts)
         _CONFIG_TYPES[config_type.__name__] = config_type
         return fn
 
@@ -176,8 +180,16 @@ def transform_for(config) -> Callable:
 
 
 def supported_types(config) -> tuple[type, ...]:
+    """The module classes ``config``'s transform names (for messages; :func:`supports` decides)."""
     transform_for(config)
     return _TRANSFORMS[type(config)][1]
+
+
+def supports(config, module) -> bool:
+    """True if ``config``'s transform converts ``module``."""
+    transform_for(config)
+    _, types, accepts = _TRANSFORMS[type(config)]
+    return bool(accepts(module)) if accepts is not None else isinstance(module, types)
 
 
 def config_from_dict(d: dict):
@@ -227,13 +239,13 @@ class PerModuleConfig:
 
 
 # ------------------------------------------------------------------ transforms (beside their configs)
-@register_transform(STLConfig, (nn.Linear,))
-def _stl_transform(module: nn.Linear, config: STLConfig, name: str) -> STLinear:
+@register_transform(STLConfig, (nn.Linear,), accepts=is_linear_like)  # nn.Linear and transformers' Conv1D
+def _stl_transform(module: nn.Module, config: STLConfig, name: str) -> STLinear:
     layer = STLinear.from_linear(
         module, init=config.init, tile=config.tile, rank=config.rank, row_tile=config.row_tile, seed=config.seed
     )
     if config.keep_dense_weight:
-        layer.register_buffer("dense_weight", module.weight.detach().clone(), persistent=False)
+        layer.keep_original(module)
     return layer
 
 

@@ -1,6 +1,6 @@
 """Model surgery: convert the layers of a user's model in place, dry runs, and back to dense.
 
-``strassenify_(model, config, targets="all-linear", exclude=None, causal=False, head="auto", filter_fn=None)``
+``strassenify_(model, config, targets="all-linear", exclude=None, causal=None, head="auto", filter_fn=None)``
 
 Which modules are matched (targets, exclude, filter_fn, the output head) is decided by
 :func:`strassenkit.surgery.targets.plan`; what they become by the transform registered beside each
@@ -8,9 +8,14 @@ config (:mod:`strassenkit.surgery.config`).
 
 **Causal models.** An STL tile with ``row_tile > 1`` mixes ``row_tile`` consecutive rows (tokens) of
 a sample, so in an autoregressive model earlier positions would see later ones. With
-``causal=True``, or when the model looks causal (a Hugging Face ``model.config.is_decoder`` or
-``is_causal`` flag, or an architecture named ``*ForCausalLM`` / ``*LMHeadModel``), every STLConfig with
-``row_tile=None`` is converted with ``row_tile=1`` and one with ``row_tile > 1`` raises ValueError.
+``causal=True``, or by default when the model looks causal (:func:`.targets.detect_causal`: causal LM
+classes, config flags, attention modules with ``is_causal=True``; an unclear Hugging Face model counts
+as causal, with a warning), every STLConfig with ``row_tile=None`` is converted with ``row_tile=1`` and
+one with ``row_tile > 1`` raises ValueError. ``causal=False`` is the user's word that it is not.
+
+**Padding.** When a layer with ``row_tile > 1`` was converted and the model's ``forward`` takes an
+``attention_mask``, a hook on the model makes every STL layer zero the padding rows of its input
+(:mod:`strassenkit.nn.padding`), so padding never shares a tile with real tokens.
 
 No half-converted model: every replacement is planned and built first; the model is changed only
 after all of them were built. Unsupported module types named by ``targets`` are skipped with a
@@ -27,9 +32,10 @@ import torch
 from torch import nn
 
 from .config import transform_for
-from .targets import TargetRow, is_causal_model, plan
+from . import record
+from .targets import TargetRow, plan, resolve_causal
 
-__all__ = ["strassenify_", "inspect_targets", "densify_", "InspectReport"]
+__all__ = ["strassenify_", "inspect_targets", "densify_", "unload_", "InspectReport"]
 
 
 def _build(model, rows) -> dict[str, nn.Module]:
@@ -120,7 +126,7 @@ def strassenify_(
     config=None,
     targets="all-linear",
     exclude=None,
-    causal: bool = False,
+    causal=None,
     head="auto",
     filter_fn=None,
 ) -> list[str]:
@@ -134,6 +140,7 @@ def strassenify_(
     rows = plan(model, config, targets, exclude, causal, head, filter_fn)
     new = _build(model, rows)
     done = _apply(model, new)  # a shared module is converted once and stays shared under all its names
+    record.note_conversion(model, rows)
     _warn_rows(rows, len(new), targets if not isinstance(config, dict) else config, "strassenify_")
     return done
 
@@ -195,7 +202,7 @@ def inspect_targets(
     config=None,
     targets="all-linear",
     exclude=None,
-    causal: bool = False,
+    causal=None,
     head="auto",
     example_inputs: tuple | None = None,
     filter_fn=None,
@@ -209,7 +216,7 @@ def inspect_targets(
     reported in ``example_error`` instead of surfacing later.
     """
     rows = plan(model, config, targets, exclude, causal, head, filter_fn)
-    is_causal = bool(causal) or is_causal_model(model)
+    is_causal = resolve_causal(model, causal)
     new = _build(model, rows)
     mods = dict(model.named_modules())
     report = InspectReport(rows, is_causal)
@@ -283,4 +290,33 @@ def densify_(model: nn.Module, strict: bool = False) -> list[str]:
         warnings.warn(msg, stacklevel=2)
     for name, mod in new.items():
         _set_module(model, name, mod)
+    return list(new)
+
+
+def unload_(model: nn.Module, strict: bool = True) -> list[str]:
+    """Put back the original dense layers of every STLinear that kept them, in place (PEFT's ``unload``).
+
+    Layers converted with ``STLConfig(keep_dense_weight=True)`` (the default) hold the dense layer they
+    replaced, unchanged by training or calibration; they get it back exactly. An STLinear without it
+    raises ValueError (``strict=True``, the model is then unchanged) or is kept with a warning.
+    Returns the restored module names.
+    """
+    from ..nn import STLinear
+
+    new, missing = {}, []
+    for name, m in model.named_modules():
+        if name and isinstance(m, STLinear):
+            if m.original is not None:
+                new[name] = m.to_original()
+            else:
+                missing.append(name)
+    if missing:
+        msg = (f"unload_: {len(missing)} STLinear layer(s) do not hold their original dense layer (converted with "
+               f"keep_dense_weight=False or loaded from disk): {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        if strict:
+            raise ValueError(msg + "; the model was not changed (pass strict=False to restore the others)")
+        warnings.warn(msg, stacklevel=2)
+    for name, mod in new.items():
+        _set_module(model, name, mod)
+    record.note_unload(model, list(new))
     return list(new)

@@ -30,15 +30,22 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ..nn import STLinear
-from .config import PerModuleConfig, STLConfig, is_config, supported_types, transform_for
+from ..nn.stlinear import is_linear_like
+from .config import PerModuleConfig, STLConfig, is_config, supported_types, supports, transform_for
 
-__all__ = ["TargetRow", "plan", "match", "patterns", "is_causal_model", "find_heads", "causal_config", "as_per_module"]
+__all__ = ["TargetRow", "plan", "match", "patterns", "is_causal_model", "detect_causal", "resolve_causal", "find_heads",
+           "causal_config", "as_per_module", "ENCODER_MODEL_TYPES"]
 
 HEAD_NAMES = ("lm_head", "head", "classifier", "fc_out", "output")
-_CONVERTIBLE = (nn.Linear, nn.Conv2d)  # module kinds that get a row even when not targeted
+
+
+def _convertible(m: nn.Module) -> bool:
+    """Module kinds that get a row even when not targeted: Linear (and transformers' Conv1D), Conv2d."""
+    return isinstance(m, nn.Conv2d) or is_linear_like(m)
 
 
 @dataclass
@@ -92,20 +99,75 @@ def _check_regex(p: str) -> None:
             raise ValueError(f"invalid regex {p!r}: {e}") from None
 
 
-def is_causal_model(model: nn.Module) -> bool:
-    """True if the model says it is autoregressive (HF-style config flags or class/architecture names)."""
-    if getattr(model, "is_causal", False) is True:
-        return True
-    cfg = getattr(model, "config", None)
-    if cfg is not None:
-        get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
-        if get("is_decoder", False) is True or get("is_causal", False) is True:
-            return True
-        archs = get("architectures", None) or []
-        if any(("CausalLM" in a or "LMHeadModel" in a) for a in archs if isinstance(a, str)):
-            return True
+# model_type values of Hugging Face configs (transformers 4 and 5) that are encoder-only: bidirectional,
+# so STL tiles may span tokens. Anything else from Hugging Face without a clear sign is treated as causal.
+ENCODER_MODEL_TYPES = frozenset({
+    "bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "distilbert", "albert", "electra", "deberta", "deberta-v2",
+    "camembert", "mpnet", "ernie", "nezha", "megatron-bert", "mobilebert", "squeezebert", "funnel", "longformer",
+    "big_bird", "luke", "rembert", "roformer", "xlm", "flaubert", "layoutlm", "layoutlmv2", "layoutlmv3",
+    "canine", "esm", "modernbert", "nomic_bert", "jina_bert", "data2vec-text", "vit", "deit", "beit", "swin",
+    "swinv2", "convnext", "convnextv2", "dinov2", "vit_mae", "vit_msn", "yolos", "segformer", "mobilevit",
+    "dpt", "siglip_vision_model", "clip_vision_model", "wav2vec2", "hubert", "wavlm", "data2vec-audio",
+    "data2vec-vision", "audio-spectrogram-transformer",
+})
+
+
+def detect_causal(model: nn.Module) -> tuple[bool, str, bool]:
+    """(causal, why, sure): does ``model`` forbid a token from seeing later tokens?
+
+    Causal if any of: ``model.is_causal`` is True; the class is a causal / seq2seq LM (``*ForCausalLM``,
+    ``*LMHeadModel``, ``*ForConditionalGeneration``); the config says so (``is_decoder``, ``is_causal``,
+    ``is_encoder_decoder``, a causal ``architectures`` entry); any attention submodule has
+    ``is_causal=True``. Not causal if attention submodules say ``is_causal=False`` or the config's
+    ``model_type`` is a known encoder. A Hugging Face model with none of these signs is treated as
+    causal (``sure=False``), the safe choice; a plain nn.Module without signs is not causal.
+    """
+    if getattr(model, "is_causal", None) is True:
+        return True, "model.is_causal is True", True
     cls = type(model).__name__
-    return cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel")
+    if cls.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")):
+        return True, f"class {cls} is a causal language model", True
+    cfg = getattr(model, "config", None)
+    get = (cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))) if cfg is not None else None
+    if get is not None:
+        for flag in ("is_decoder", "is_causal", "is_encoder_decoder"):
+            if get(flag, False) is True:
+                return True, f"config.{flag} is True", True
+        archs = get("architectures", None) or []
+        for a in archs:
+            if isinstance(a, str) and any(k in a for k in ("CausalLM", "LMHeadModel", "ConditionalGeneration")):
+                return True, f"config.architectures has {a}", True
+    flags = [(n, m.is_causal) for n, m in model.named_modules()
+             if m is not model and isinstance(getattr(m, "is_causal", None), bool)]
+    causal_mods = [n for n, c in flags if c]
+    if causal_mods:
+        return True, f"attention module {causal_mods[0]} has is_causal=True", True
+    if flags:
+        return False, f"attention modules ({flags[0][0]}, ...) have is_causal=False", True
+    model_type = get("model_type", None) if get is not None else None
+    if model_type in ENCODER_MODEL_TYPES:
+        return False, f"config.model_type {model_type!r} is an encoder", True
+    if get is not None and model_type is not None:
+        return True, f"config.model_type {model_type!r} gives no sign either way; treated as causal (the safe choice)", False
+    return False, "no sign of causal attention (plain module)", True
+
+
+def is_causal_model(model: nn.Module) -> bool:
+    """True if :func:`detect_causal` finds (or, unsure, assumes) that the model is autoregressive."""
+    return detect_causal(model)[0]
+
+
+def resolve_causal(model: nn.Module, causal) -> bool:
+    """``causal`` argument of strassenify_: None detects (warning when unsure), True/False is the user's word."""
+    if causal is None:
+        is_causal, why, sure = detect_causal(model)
+        if not sure:
+            warnings.warn(f"strassenify_: could not tell whether {type(model).__name__} is causal ({why}); STL layers get "
+                          f"row_tile=1. Pass causal=False if tokens may see later tokens (an encoder)", stacklevel=4)
+        return is_causal
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be None (detect), True or False, got {causal!r}")
+    return causal
 
 
 def causal_config(config, name: str, causal: bool):
@@ -142,7 +204,11 @@ def find_heads(model: nn.Module, head) -> set[str]:
             out = None
         if isinstance(out, nn.Module) and id(out) in names:
             return {names[id(out)]}
-    by_name = {n for n, m in model.named_modules() if n and n.split(".")[-1] in HEAD_NAMES and isinstance(m, _CONVERTIBLE)}
+        if out is None and getattr(model, "config", None) is not None:
+            # a Hugging Face model that says it has no output embeddings (e.g. BertModel, LlamaModel): its
+            # pooler and last MLP are ordinary layers; only a classifier-style head by name stays dense
+            return {n for n, m in model.named_modules() if n and n.split(".")[-1] in HEAD_NAMES and _convertible(m)}
+    by_name = {n for n, m in model.named_modules() if n and n.split(".")[-1] in HEAD_NAMES and _convertible(m)}
     if by_name:
         return by_name
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -156,6 +222,8 @@ def shape_of(m: nn.Module) -> str:
         return f"{m.in_channels}->{m.out_channels} k{tuple(m.kernel_size)} s{tuple(m.stride)} g{m.groups}"
     if isinstance(m, STLinear):
         return f"{m.in_features}->{m.out_features} <{m.row_tile},{m.tile},{m.tile}> r{m.rank}"
+    if is_linear_like(m):  # transformers Conv1D: weight (in, out)
+        return f"{m.weight.shape[0]}->{m.weight.shape[1]}"
     return ""
 
 
@@ -195,11 +263,25 @@ def _rule(config, name: str, module: nn.Module, all_linear: bool, pats: list[str
                 return None, False, None
         return (cfg, True, None) if cfg is not None else (None, True, "targets mapping gives None")
     if all_linear:
-        return (config, False, None) if isinstance(module, supported_types(config)) else (None, False, None)
+        return (config, False, None) if supports(config, module) else (None, False, None)
     return (config, True, None) if any(match(p, name) for p in pats) else (None, False, None)
 
 
 _MISSING = object()
+
+
+def _may_use_stl(config) -> bool:
+    if isinstance(config, PerModuleConfig):
+        return any(isinstance(c, STLConfig) for c in config.configs.values())
+    return isinstance(config, STLConfig)
+
+
+def _tied_to_embeddings(model: nn.Module) -> dict[str, str]:
+    """{module name: embedding name} for modules whose weight is the weight of an nn.Embedding."""
+    emb = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    return {n: emb[id(m.weight)] for n, m in model.named_modules()
+            if not isinstance(m, nn.Embedding) and isinstance(getattr(m, "weight", None), nn.Parameter)
+            and id(m.weight) in emb}
 
 
 def _tied_between_modules(model: nn.Module) -> dict[str, list[str]]:
@@ -219,7 +301,59 @@ def _tied_between_modules(model: nn.Module) -> dict[str, list[str]]:
     return out
 
 
-def plan(model: nn.Module, config, targets="all-linear", exclude=None, causal: bool = False, head="auto",
+def _peft_layers(model: nn.Module) -> list[str]:
+    """Names of PEFT tuner layers (LoRA & co.: their class derives from peft's BaseTunerLayer)."""
+    return [n for n, m in model.named_modules()
+            if n and any(k.__name__ == "BaseTunerLayer" for k in type(m).__mro__)]
+
+
+def probe_input_dims(model: nn.Module) -> dict[str, int]:
+    """{module name: input ndim} of linear layers, from one forward pass on ``model.dummy_inputs``.
+
+    Hugging Face models carry tiny dummy inputs; the pass shows which linears see (batch, features)
+    rows with no sequence axis (e.g. BertPooler.dense gets the [CLS] vectors): their rows are
+    samples, so STL gives them ``row_tile=1``. Other models (or a failing pass): {}.
+    """
+    dummy = getattr(model, "dummy_inputs", None)
+    if not isinstance(dummy, dict) or not dummy:
+        return {}
+    dims: dict[str, int] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if name and is_linear_like(m):
+            def hook(mod, args, name=name):
+                if args and isinstance(args[0], torch.Tensor):
+                    dims[name] = min(dims.get(name, 99), args[0].dim())
+            handles.append(m.register_forward_pre_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(**dummy)
+    except Exception:  # noqa: BLE001 - a probe only: without it nothing is adjusted
+        return {}
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return dims
+
+
+def rows_config(config, name: str, ndim: int | None):
+    """STL layers whose inputs have no sequence axis (2-D) get ``row_tile=1``; an explicit taller tile raises."""
+    if ndim is None or ndim > 2 or not isinstance(config, STLConfig):
+        return config
+    if config.row_tile is None:
+        return config.with_(row_tile=1)
+    if config.row_tile != 1:
+        raise ValueError(
+            f"{name}: this layer gets {ndim}-D inputs (batch, features) on the model's dummy inputs, so a "
+            f"{config.row_tile}-row tile would mix samples. Use STLConfig(row_tile=1) (or row_tile=None) for it"
+        )
+    return config
+
+
+def plan(model: nn.Module, config, targets="all-linear", exclude=None, causal=None, head="auto",
          filter_fn=None) -> list[TargetRow]:
     """Decide, for every relevant module, whether and how it is converted (changes nothing)."""
     if not isinstance(model, nn.Module):
@@ -232,8 +366,11 @@ def plan(model: nn.Module, config, targets="all-linear", exclude=None, causal: b
     pats = [] if (per_module or all_linear) else patterns(targets, "targets")
     excl = patterns(exclude, "exclude")
     heads = find_heads(model, head) if all_linear else set()
-    causal = bool(causal) or is_causal_model(model)
+    causal = resolve_causal(model, causal)
+    tied = _tied_to_embeddings(model)
+    dims = probe_input_dims(model) if _may_use_stl(config) else {}
     tied_modules = _tied_between_modules(model)
+    adapters = _peft_layers(model)
     mha_children = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
                     for c, _ in m.named_children()}
 
@@ -250,27 +387,34 @@ def plan(model: nn.Module, config, targets="all-linear", exclude=None, causal: b
             rows.append(row("skipped", skip_reason))
             continue
         if cfg is None:
-            if isinstance(module, _CONVERTIBLE):
+            if _convertible(module):
                 reason = (f"{type(config).__name__} does not convert {type(module).__name__}" if all_linear else "")
                 rows.append(row("not-targeted", reason))
             continue
         if filter_fn is not None and not filter_fn(module, name):
-            if isinstance(module, _CONVERTIBLE):
+            if _convertible(module):
                 rows.append(row("not-targeted", "filter_fn returned False"))
             continue
         kinds = supported_types(cfg)
-        if not isinstance(module, kinds) and next(module.children(), None) is not None:
+        ok = supports(cfg, module)
+        if not ok and next(module.children(), None) is not None:
             continue  # a container matched by a name pattern: its children are considered on their own
         r = row("convert", config_dict=cfg.to_dict())
         if any(match(p, name) for p in excl):
             r.status, r.reason = "excluded", "matched exclude"
+        elif name in tied:
+            r.status, r.reason = "skipped", (f"weight tied to the input embedding {tied[name]}; tied output embeddings are "
+                                             f"never converted (the embedding must stay a lookup table)")
         elif name in tied_modules:
             r.status, r.reason = "unsupported", (
                 f"shares a weight with {', '.join(tied_modules[name])}: converting would untie them into independent "
                 f"layers; skipped (register one module under both names to convert it once, shared)")
+        elif any(name == a or name.startswith(a + ".") for a in adapters):
+            r.status, r.reason = "skipped", ("inside a PEFT adapter layer: adapters are left alone; merge them first "
+                                             "(model.merge_and_unload()) to convert the base layer")
         elif name in heads and not explicit:
             r.status, r.reason = "head", "output head kept dense (pass head=None to convert it)"
-        elif not isinstance(module, kinds):
+        elif not ok:
             r.status = "unsupported"
             r.reason = (f"{type(module).__name__} is not supported by {type(cfg).__name__} (it converts "
                         f"{', '.join(t.__name__ for t in kinds)}); skipped")
@@ -279,7 +423,7 @@ def plan(model: nn.Module, config, targets="all-linear", exclude=None, causal: b
             r.reason = ("inside nn.MultiheadAttention, which reads out_proj.weight directly instead of calling it; "
                         "skipped (write attention with separate nn.Linear projections to convert it)")
         else:
-            r.target = causal_config(cfg, name, causal)
+            r.target = rows_config(causal_config(cfg, name, causal), name, dims.get(name))
             r.config = r.target.to_dict()
         rows.append(r)
     return rows
