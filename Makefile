@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,demo]"
+	$(PY) -m pip install -q -e ".[test,demo,hf]" "$(TORCH)"  # repeat the pin: nothing may pull a CUDA torch
 	-$(PY) -m strassenkit native  # compile the native STL kernels once (g++, ninja; ~15 s); fallback if it fails
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)

@@ -12,7 +12,7 @@ from .config import (PerModuleConfig, SPNConfig, STLConfig, config_from_dict, co
                      register_transform)
 from .pretrained import from_pretrained, save_pretrained
 from .strassenify import InspectReport, densify_, inspect_targets, strassenify_, unload_
-from .targets import TargetRow, detect_causal, is_causal_model, plan
+from .targets import TargetRow, detect_causal, is_causal_model, plan_targets
 
 __all__ = [
     "STLConfig",
@@ -28,7 +28,7 @@ __all__ = [
     "unload_",
     "save_pretrained",
     "from_pretrained",
-    "plan",
+    "plan_targets",
     "is_causal_model",
     "detect_causal",
     "InspectReport",

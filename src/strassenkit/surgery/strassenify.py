@@ -3,7 +3,7 @@
 ``strassenify_(model, config, targets="all-linear", exclude=None, causal=None, head="auto", filter_fn=None)``
 
 Which modules are matched (targets, exclude, filter_fn, the output head) is decided by
-:func:`strassenkit.surgery.targets.plan`; what they become by the transform registered beside each
+:func:`strassenkit.surgery.targets.plan_targets`; what they become by the transform registered beside each
 config (:mod:`strassenkit.surgery.config`).
 
 **Causal models.** An STL tile with ``row_tile > 1`` mixes ``row_tile`` consecutive rows (tokens) of
@@ -33,7 +33,7 @@ from torch import nn
 
 from .config import transform_for
 from . import record
-from .targets import TargetRow, plan, resolve_causal
+from .targets import TargetRow, plan_targets, resolve_causal
 
 __all__ = ["strassenify_", "inspect_targets", "densify_", "unload_", "InspectReport"]
 
@@ -137,7 +137,7 @@ def strassenify_(
     ``filter_fn(module, fqn) -> bool`` and the causal rule. The model is either fully converted or
     unchanged (an error while building any replacement changes nothing).
     """
-    rows = plan(model, config, targets, exclude, causal, head, filter_fn)
+    rows = plan_targets(model, config, targets, exclude, causal, head, filter_fn)
     new = _build(model, rows)
     done = _apply(model, new)  # a shared module is converted once and stays shared under all its names
     record.note_conversion(model, rows)
@@ -215,7 +215,7 @@ def inspect_targets(
     forward pass divided by its rows, and a forward failure (e.g. 2-D inputs into row_tile > 1) is
     reported in ``example_error`` instead of surfacing later.
     """
-    rows = plan(model, config, targets, exclude, causal, head, filter_fn)
+    rows = plan_targets(model, config, targets, exclude, causal, head, filter_fn)
     is_causal = resolve_causal(model, causal)
     new = _build(model, rows)
     mods = dict(model.named_modules())

@@ -1,6 +1,6 @@
 """Target matching: which modules of a model a conversion touches, and with which config.
 
-This is the one matcher (as PEFT's ``tuners_utils``): :func:`plan` walks the model once and returns a
+This is the one matcher (as PEFT's ``tuners_utils``): :func:`plan_targets` walks the model once and returns a
 :class:`TargetRow` per relevant module, with a status and, for the modules to convert, the config to
 apply (already adjusted for causal models). It changes nothing; :func:`strassenify_` and
 :func:`inspect_targets` build on it.
@@ -37,7 +37,7 @@ from ..nn import STLinear
 from ..nn.stlinear import is_linear_like
 from .config import PerModuleConfig, STLConfig, is_config, supported_types, supports, transform_for
 
-__all__ = ["TargetRow", "plan", "match", "patterns", "is_causal_model", "detect_causal", "resolve_causal", "find_heads",
+__all__ = ["TargetRow", "plan_targets", "match", "patterns", "is_causal_model", "detect_causal", "resolve_causal", "find_heads",
            "causal_config", "as_per_module", "ENCODER_MODEL_TYPES"]
 
 HEAD_NAMES = ("lm_head", "head", "classifier", "fc_out", "output")
@@ -353,7 +353,7 @@ def rows_config(config, name: str, ndim: int | None):
     return config
 
 
-def plan(model: nn.Module, config, targets="all-linear", exclude=None, causal=None, head="auto",
+def plan_targets(model: nn.Module, config, targets="all-linear", exclude=None, causal=None, head="auto",
          filter_fn=None) -> list[TargetRow]:
     """Decide, for every relevant module, whether and how it is converted (changes nothing)."""
     if not isinstance(model, nn.Module):
