@@ -3,7 +3,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from strassenkit import STLinear, cost
-from strassenkit.models.vit import ViT
+from strassenkit._models.vit import ViT
 
 
 def _flops_by_op(fn):

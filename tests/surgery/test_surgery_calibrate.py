@@ -97,8 +97,8 @@ def test_enc_and_dec_steps_are_least_squares_optima(seed):
 
 
 def _vit_setup():
-    from strassenkit.data.digits import load_digits_split
-    from strassenkit.models.vit import ViT
+    from strassenkit._models.digits import load_digits_split
+    from strassenkit._models.vit import ViT
     from strassenkit.train import TrainConfig, train
 
     xtr, ytr, xte, yte = load_digits_split(seed=0)

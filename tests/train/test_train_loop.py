@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from strassenkit import STLConfig, strassenify_
-from strassenkit.experiments.train_cmd import BigramLM, TokenMLP, synthetic_data, synthetic_lm_data
+from strassenkit._models.synthetic import BigramLM, TokenMLP, synthetic_data, synthetic_lm_data
 from strassenkit.train import (
     NonFiniteLossError,
     TrainConfig,
