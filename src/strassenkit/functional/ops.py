@@ -122,11 +122,13 @@ def bmm(a: Tensor, b: Tensor) -> Tensor:
 _CHUNK_COLS = 8192
 
 
-def _blocks(rows: int, cols_per_row: int):
-    # Blocks only with one intra-op thread: with several, every small op is a parallel region whose
-    # barrier costs far more than the cache gain (measured: 10-30x slower on a loaded 2-core VM),
-    # so multi-threaded runs take the whole tensor as one block (few large ops).
-    if torch.get_num_threads() > 1:
+def _blocks(rows: int, cols_per_row: int, device_type: str = "cpu"):
+    # A CPU cache heuristic: blocks only on the CPU and only with one intra-op thread. On a GPU every
+    # block would be one more kernel launch (an (8, 512, 1024) encode would be 32 mm launches) for no
+    # cache gain; with several CPU threads every small op is a parallel region whose barrier costs far
+    # more than the cache gain (measured: 10-30x slower on a loaded 2-core VM). Both take the whole
+    # tensor as one block (few large ops).
+    if device_type != "cpu" or torch.get_num_threads() > 1:
         yield 0, rows
         return
     step = max(1, _CHUNK_COLS // max(1, cols_per_row))
@@ -156,7 +158,7 @@ def _encode(x: Tensor, enc: Tensor, n: int, m: int, Mt: int, Kt: int, wgrad_of: 
     out = x.new_empty((r, B * Mt, Kt))
     genc = x.new_zeros((r, n * m)) if wgrad_of is not None else None
     enc = enc.t().contiguous().t()  # column-major encoder: measurably faster skinny GEMM in MKL
-    for s, e in _blocks(B * Mt, Kt):
+    for s, e in _blocks(B * Mt, Kt, x.device.type):
         t = _tile_block(x5, s, e)
         torch.mm(enc, t, out=out[:, s:e].view(r, (e - s) * Kt))  # strided out: BLAS writes in place (ldc)
         if genc is not None:
@@ -173,7 +175,7 @@ def _tiles_wgrad(x: Tensor, g: Tensor, n: int, m: int, Mt: int, Kt: int) -> Tens
     r = g.shape[0]
     x5 = pad_last2(x, Mt * n, Kt * m).reshape(B * Mt, n, Kt, m)
     out = x.new_zeros((r, n * m))
-    for s, e in _blocks(B * Mt, Kt):
+    for s, e in _blocks(B * Mt, Kt, x.device.type):
         out.addmm_(g[:, s:e].reshape(r, (e - s) * Kt), _tile_block(x5, s, e).t())
     return out
 
@@ -184,7 +186,7 @@ def _decode(P: Tensor, dec: Tensor, n: int, p: int, B: int, Mt: int, M: int, N: 
         return torch.ops.strassenkit_native.decode(P, dec, n, p, B, Mt, M, N)
     r, BMt, Nt = P.shape
     y = P.new_empty((B * Mt, n, Nt, p))
-    for s, e in _blocks(BMt, Nt):
+    for s, e in _blocks(BMt, Nt, P.device.type):
         blk = dec @ P[:, s:e].reshape(r, (e - s) * Nt)  # (n*p, (e-s)*Nt)
         y[s:e].copy_(blk.view(n, p, e - s, Nt).permute(2, 0, 3, 1))
     y = y.view(B, Mt * n, Nt * p)
