@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -21,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
                    "paper experiments from the source checkout's experiments/ folder: "
                    "vit, spn_cnn, charlm, minilm, approx, rediscover, report"),
 }
+
+
+# errors that come from what the user passed (bad values, paths, files): reported in one line, exit 2
+USER_ERRORS = (ValueError, TypeError, KeyError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +46,17 @@ def main(argv: list[str] | None = None) -> int:
         sub = argparse.ArgumentParser(prog=f"strassenkit {argv[0]}", description=COMMANDS[argv[0]][1])
         module.add_arguments(sub)
         args = sub.parse_args(argv[1:])
-        return int(module.run(args) or 0)
+        try:
+            return int(module.run(args) or 0)
+        except USER_ERRORS as e:
+            if os.environ.get("STRASSENKIT_TRACEBACK"):
+                raise
+            # like argparse: one line and exit status 2 (STRASSENKIT_TRACEBACK=1 shows the traceback)
+            msg = " ".join(str(e).split()) if str(e) else type(e).__name__
+            if isinstance(e, KeyError) and e.args:
+                msg = " ".join(str(e.args[0]).split())
+            print(f"strassenkit {argv[0]}: error: {msg}", file=sys.stderr)
+            return 2
     parser.parse_args(argv)  # prints help / errors for unknown commands
     return 2
 

@@ -68,12 +68,26 @@ def test_sigkill_and_crash_during_checkpoint_then_resume_is_exact(uninterrupted,
     assert steps == sorted(set(steps)) and steps[-1] == 30
 
 
-def test_resume_without_a_checkpoint_starts_fresh_and_stored_config_wins(uninterrupted, tmp_path):
+def test_resume_with_different_options_is_refused_and_safe_ones_are_applied(uninterrupted, tmp_path, capsys):
     out = tmp_path / "r"
     shutil.copytree(uninterrupted, out)
-    # a finished run resumed with different options keeps its stored config and does not train again
-    assert main(["train", "--task", "synthetic", "--steps", "5", "--out", str(out), "--resume", "--no-progress"]) == 0
+    before = _final(out)[0]
+    # a finished run resumed with result-changing options is refused (exit 2), naming every differing option
+    assert main(["train", "--task", "synthetic", "--steps", "5", "--lr", "0.5", "--out", str(out), "--resume",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--steps 5" in err and "--lr 0.5" in err and "(the run has 0.01)" in err
+    assert _final(out)[1] == 30
+    torch.testing.assert_close(_final(out)[0], before, rtol=0, atol=0)
+    # options it was started with, or none at all: the stored run (finished: nothing more to train)
+    assert main(["train", *ARGS, "--out", str(out), "--resume"]) == 0
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
     assert json.load(open(out / "summary.json"))["step"] == 30
+    # more steps is safe: applied and said so
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--steps", "35", "--threads", "1", "--no-progress"]) == 0
+    assert "--steps: 30 -> 35" in capsys.readouterr().err
+    assert _final(out)[1] == 35 and json.load(open(out / "summary.json"))["step"] == 35
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")

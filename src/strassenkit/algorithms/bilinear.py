@@ -15,6 +15,7 @@ Approximate factors (from :func:`strassenkit.algorithms.approximate`) are float6
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cached_property
@@ -43,9 +44,20 @@ def _as_factor(x, rows: int, name: str) -> np.ndarray:
     arr = np.asarray(x)
     if arr.ndim != 2 or arr.shape[0] != rows:
         raise ValueError(f"{name} must have shape ({rows}, rank), got {tuple(arr.shape)}")
+    if arr.dtype.kind not in "iufO":
+        raise TypeError(
+            f"{name} must hold real numbers (ints, floats or fractions.Fraction), got dtype {arr.dtype}"
+            f"{' (strings)' if arr.dtype.kind in 'US' else ''}; convert it first, e.g. "
+            f"np.vectorize(fractions.Fraction)({name}) for exact entries"
+        )
     if arr.dtype.kind in "iu" or arr.dtype == object:
         out = np.empty(arr.shape, dtype=object)
         for idx, v in np.ndenumerate(arr):
+            if arr.dtype == object and (isinstance(v, bool) or not isinstance(v, (numbers.Rational, float, np.floating))):
+                raise TypeError(f"{name}[{idx[0]}, {idx[1]}] is {v!r} ({type(v).__name__}); factor entries must be "
+                                f"ints, floats or fractions.Fraction")
+            if isinstance(v, (float, np.floating)) and not np.isfinite(v):
+                raise ValueError(f"{name} contains NaN or infinite entries")
             out[idx] = Fraction(v)
         return out
     arr = arr.astype(np.float64)
@@ -92,7 +104,7 @@ class BilinearAlgorithm:
 
     def __post_init__(self):
         for dim, label in ((self.n, "n"), (self.m, "m"), (self.p, "p")):
-            if not isinstance(dim, (int, np.integer)) or dim < 1:
+            if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
                 raise ValueError(f"{label} must be a positive integer, got {dim!r}")
         U = _as_factor(self.U, self.n * self.m, "U")
         V = _as_factor(self.V, self.m * self.p, "V")

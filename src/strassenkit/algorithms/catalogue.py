@@ -344,7 +344,15 @@ def load_alphatensor_npz(path, cyclic: bool = True, max_denominator: int = 1024,
                 f"{path}: entry {key!r} is not in AlphaTensor's layout (key 'n,m,p' -> (U, V, W)); "
                 f"this loader reads only that layout"
             ) from None
-        R = U.shape[-1]
+        want = {"U": (n * m, "n*m"), "V": (m * p, "m*p"), "W": (n * p, "n*p")}
+        R = U.shape[-1] if U.ndim == 2 else None
+        for label, f in (("U", U), ("V", V), ("W", W)):
+            rows, expr = want[label]
+            if f.ndim != 2 or f.shape[0] != rows or f.shape[1] != R:
+                raise ValueError(
+                    f"{path}: entry {key!r}: {label} has shape {tuple(f.shape)}, but <{n},{m},{p}> needs ({expr}={rows}, R) "
+                    f"with the same rank R for U, V and W (U: {tuple(U.shape)}, V: {tuple(V.shape)}, W: {tuple(W.shape)})"
+                )
         if cyclic:
             W = W.reshape(p, n, R).transpose(1, 0, 2).reshape(n * p, R)
         exact = [_rationalize(f, max_denominator) for f in (U, V, W)]

@@ -240,13 +240,35 @@ def save_algorithm(alg: BilinearAlgorithm, path) -> None:
 
 def load_algorithm(path) -> BilinearAlgorithm:
     """Read a JSON file written by :func:`save_algorithm` (exact Fractions)."""
-    d = json.loads(Path(path).read_text())
-    n, m, p = d["format"]
+    try:
+        d = json.loads(Path(path).read_text())  # a missing file raises FileNotFoundError naming it
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e}); expected a file written by save_algorithm") from None
+    keys = ("format", "U", "V", "W")
+    if not isinstance(d, dict) or any(k not in d for k in keys):
+        have = sorted(d) if isinstance(d, dict) else type(d).__name__
+        raise ValueError(f"{path} is not an algorithm file written by save_algorithm: it needs the keys {list(keys)} "
+                         f"(and name, source), has {have}")
+    fmt = d["format"]
+    if not (isinstance(fmt, list) and len(fmt) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in fmt)):
+        raise ValueError(f"{path}: 'format' must be [n, m, p] (three integers), got {fmt!r}")
+    n, m, p = fmt
 
-    def arr(rows):
-        return np.array([[Fraction(x) for x in row] for row in rows], dtype=object)
+    def arr(label):
+        rows = d[label]
+        try:
+            if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
+                raise ValueError("not a list of rows")
+            return np.array([[Fraction(x) for x in row] for row in rows], dtype=object)
+        except (ValueError, TypeError, ZeroDivisionError) as e:
+            raise ValueError(f"{path}: '{label}' must be a list of rows of exact fractions such as \"-1/2\" ({e})") from None
 
-    return BilinearAlgorithm(n, m, p, arr(d["U"]), arr(d["V"]), arr(d["W"]), name=d["name"], source=d["source"])
+    U, V, W = arr("U"), arr("V"), arr("W")
+    try:
+        return BilinearAlgorithm(n, m, p, U, V, W, name=str(d.get("name", Path(path).stem)),
+                                 source=str(d.get("source", f"loaded from {path}")))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 # --------------------------------------------------------------------------- shipped, verified search results

@@ -24,7 +24,11 @@ Examples::
 ``--config`` JSON: ``{"task": "digits", "train": {TrainConfig fields}, "surgery": {"config":
 {"type": "STLConfig", "tile": 4, "rank": 24}, "targets": "all-linear"}}``. Command-line options
 override it. With ``--resume`` and an existing checkpoint, the checkpoint's stored config is used,
-so the resumed run continues exactly the run that was killed.
+so the resumed run continues exactly the run that was killed. Options given with ``--resume`` must
+agree with the stored ones, except those that do not change the result (``--threads``,
+``--ckpt-every``, ``--eval-every``, ``--no-progress``) and a larger ``--steps`` (train on: the cosine
+schedule then spans the new number of steps from the checkpoint on); those are applied and printed.
+Any other difference is refused (exit 2) with the list of differing options.
 """
 
 from __future__ import annotations
@@ -55,15 +59,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--stl", action="store_true", help="convert all linear layers (except the head) to STLinear")
     parser.add_argument("--spn", action="store_true", help="convert all linear layers (except the head) to SPNLinear")
-    parser.add_argument("--tile", type=int, default=4)
-    parser.add_argument("--rank", type=int, default=24)
-    parser.add_argument("--init", default="random", help="STL init family or catalogue name")
+    parser.add_argument("--tile", type=int, default=None, help="STL tile (default 4)")
+    parser.add_argument("--rank", type=int, default=None, help="STL rank (default 24)")
+    parser.add_argument("--init", default=None, help="STL init family or catalogue name (default random)")
     parser.add_argument("--row-tile", type=int, default=None)
     parser.add_argument("--enc-lr-mult", type=float, default=None, help="lr multiplier for STL enc_x and dec")
     parser.add_argument("--from-dense", default=None, help="start from the last checkpoint of a dense run of the same task")
     parser.add_argument("--calibrate-batches", type=int, default=None,
                         help="least-squares calibration of converted layers on N training batches (needs --from-dense)")
-    parser.add_argument("--alternate", type=int, default=0, help="calibration rounds that also refit enc_x and dec")
+    parser.add_argument("--alternate", type=int, default=None,
+                        help="calibration rounds that also refit enc_x and dec (default 0)")
     parser.add_argument("--kd", type=float, default=None, help="distill from the dense model with this weight (needs --from-dense)")
     parser.add_argument("--results", default=None, help="also write the small JSON/Markdown outputs here")
     parser.add_argument("--no-progress", action="store_true")
@@ -88,12 +93,25 @@ def build(task: str, seed: int):
     raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
 
 
+def _read_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            user = json.load(f)
+    except OSError as e:
+        raise ValueError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--config {path}: not valid JSON ({e})") from None
+    if not isinstance(user, dict):
+        raise ValueError(f"--config {path}: must hold a JSON object {{\"task\": ..., \"train\": {{...}}}}, "
+                         f"got {type(user).__name__}")
+    return user
+
+
 def _resolve(args) -> dict:
     """Merge --config JSON and command-line options into one JSON-able run config."""
     cfg: dict = {"task": "synthetic", "train": {}, "surgery": None, "from_dense": None, "calibrate": None, "kd": None}
     if args.config:
-        with open(args.config) as f:
-            user = json.load(f)
+        user = _read_config(args.config)
         unknown = sorted(set(user) - set(_KEYS))
         if unknown:
             raise ValueError(f"--config {args.config}: unknown keys {unknown}; allowed: {', '.join(_KEYS)}")
@@ -116,7 +134,8 @@ def _resolve(args) -> dict:
     if args.stl and args.spn:
         raise ValueError("choose one of --stl and --spn")
     if args.stl:
-        cfg["surgery"] = {"config": {"type": "STLConfig", "tile": args.tile, "rank": args.rank, "init": args.init,
+        cfg["surgery"] = {"config": {"type": "STLConfig", "tile": _or(args.tile, 4), "rank": _or(args.rank, 24),
+                                     "init": _or(args.init, "random"),
                                      "row_tile": args.row_tile, "seed": args.seed or 0,
                                      "keep_dense_weight": False}, "targets": "all-linear"}
     elif args.spn:
@@ -127,7 +146,7 @@ def _resolve(args) -> dict:
     if args.from_dense:
         cfg["from_dense"] = args.from_dense
     if args.calibrate_batches:
-        cfg["calibrate"] = {"batches": args.calibrate_batches, "alternate": args.alternate}
+        cfg["calibrate"] = {"batches": args.calibrate_batches, "alternate": _or(args.alternate, 0)}
     if args.kd is not None:
         cfg["kd"] = args.kd
     cfg["train"] = tr
@@ -137,7 +156,96 @@ def _resolve(args) -> dict:
 _KEYS = ("task", "train", "surgery", "from_dense", "calibrate", "kd")
 
 
-def run_config(cfg: dict, out: str, resume: bool = False, results: str | None = None) -> dict:
+def _or(value, default):
+    return default if value is None else value
+
+
+class ResumeMismatch(ValueError):
+    """``--resume`` with options that differ from the stored run's."""
+
+
+# options that never change the trained parameters: applied on resume
+_SAFE_TRAIN = {"threads": "--threads", "ckpt_every": "--ckpt-every", "eval_every": "--eval-every", "progress": "--no-progress"}
+_TRAIN_FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "lr": "--lr", "seed": "--seed", "bf16": "--bf16",
+                **_SAFE_TRAIN}
+
+
+def _requested(args) -> list[tuple[str, tuple, object]]:
+    """(option, path into the run config, value) for every option the user actually gave."""
+    out = []
+    if getattr(args, "config", None):
+        user = _read_config(args.config)
+
+        def walk(prefix, v):
+            if isinstance(v, dict):
+                for k, sub in v.items():
+                    walk((*prefix, k), sub)
+            else:
+                out.append((f"--config {'.'.join(prefix)}", prefix, v))
+
+        walk((), user)
+    if args.task:
+        out.append(("--task", ("task",), args.task))
+    for key, flag in _TRAIN_FLAGS.items():
+        v = (False if args.no_progress else None) if key == "progress" else getattr(args, key)
+        if v is not None:
+            out.append((flag, ("train", key), v))
+    if args.stl or args.spn:
+        out.append(("--stl" if args.stl else "--spn", ("surgery", "config", "type"), "STLConfig" if args.stl else "SPNConfig"))
+    for key in ("tile", "rank", "init", "row_tile"):
+        if args.stl and getattr(args, key) is not None:
+            out.append((f"--{key.replace('_', '-')}", ("surgery", "config", key), getattr(args, key)))
+    if args.enc_lr_mult is not None:
+        out += [("--enc-lr-mult", ("train", "lr_groups", k), args.enc_lr_mult) for k in ("enc_x", "dec")]
+    if args.from_dense:
+        out.append(("--from-dense", ("from_dense",), args.from_dense))
+    if args.calibrate_batches:
+        out.append(("--calibrate-batches", ("calibrate", "batches"), args.calibrate_batches))
+    if args.alternate is not None:
+        out.append(("--alternate", ("calibrate", "alternate"), args.alternate))
+    if args.kd is not None:
+        out.append(("--kd", ("kd",), args.kd))
+    return out
+
+
+def _get(d, path):
+    for k in path:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def reconcile_resume(stored: dict, requested, step: int) -> tuple[dict, list[str]]:
+    """The config to resume with and notes on what was applied; ResumeMismatch lists refused differences.
+
+    ``stored``: the run config of the checkpoint; ``requested``: :func:`_requested`; ``step``: its step.
+    """
+    cfg = json.loads(json.dumps(stored))  # a deep copy
+    cfg["train"] = dict(cfg.get("train") or {})
+    notes, refused = [], []
+    for flag, path, want in requested:
+        have = _get(stored, path)
+        if have == want:
+            continue
+        if path[0] == "train" and len(path) == 2 and path[1] in _SAFE_TRAIN:
+            cfg["train"][path[1]] = want
+            notes.append(f"{flag}: {have!r} -> {want!r}")
+        elif path == ("train", "steps") and isinstance(want, int) and want > step:
+            cfg["train"]["steps"] = want
+            notes.append(f"--steps: {have!r} -> {want!r} (training goes on from step {step}; the learning-rate "
+                         f"schedule now spans {want} steps)")
+        else:
+            why = f" (the checkpoint is at step {step})" if path == ("train", "steps") else ""
+            refused.append(f"{flag} {want!r} (the run has {have!r}){why}")
+    if refused:
+        raise ResumeMismatch(
+            f"--resume: the checkpoint's run was started with other options: {'; '.join(refused)}. Resume with the "
+            f"original options (or leave them out: the stored ones are used), or train into a new --out")
+    return cfg, notes
+
+
+def run_config(cfg: dict, out: str, resume: bool = False, results: str | None = None, requested=None) -> dict:
     """Build the task, (load dense weights, convert, calibrate,) train; returns the final metrics.
 
     ``cfg`` keys: task, train (TrainConfig fields), surgery ({"config": {...}, "targets": ...}),
@@ -145,18 +253,26 @@ def run_config(cfg: dict, out: str, resume: bool = False, results: str | None = 
     calibrate ({"batches": int, "alternate": int}: least-squares calibration of the converted layers
     against the dense model on that many training batches), kd (distillation weight; the dense model
     is the teacher). ``results``: a directory that receives only the small JSON/Markdown outputs.
+    ``requested``: the options given on the command line (:func:`_requested`); on resume they are
+    checked against the stored run (:func:`reconcile_resume`).
     """
     import copy
 
     from ..surgery import calibrate_, config_from_dict, strassenify_
     from ..train import TrainConfig, batch_indices, evaluate, latest_checkpoint, load_checkpoint, train
 
+    from ..train import read_state
+
     rank0 = int(os.environ.get("RANK", "0")) == 0
     ck = latest_checkpoint(out) if resume else None
     if ck is not None:
-        with open(os.path.join(ck, "state.json")) as f:
-            stored = json.load(f)["config"]
+        state = read_state(ck)
+        stored = state["config"] if isinstance(state["config"], dict) else {}
         cfg = {k: stored.get(k) for k in _KEYS}
+        if requested is not None:
+            cfg, notes = reconcile_resume(cfg, requested, state["step"])
+            if notes and rank0:
+                print(f"strassenkit train: resuming {ck} with: {'; '.join(notes)}", file=sys.stderr)
     tcfg = TrainConfig.from_dict(dict(cfg["train"]))
     model, tr, ev, over = build(cfg["task"], tcfg.seed)
     if tcfg.task != over["task"]:
@@ -224,7 +340,7 @@ def run(args) -> int:
 
     try:
         cfg = _resolve(args)
-        result = run_config(cfg, args.out, resume=args.resume, results=args.results)
+        result = run_config(cfg, args.out, resume=args.resume, results=args.results, requested=_requested(args))
     except NonFiniteLossError as e:
         print(f"strassenkit train: stopped: {e}", file=sys.stderr)
         return 1

@@ -6,7 +6,7 @@ PyTorch's default, and DDP runs one process per core.
 """
 
 from .distill import distillation_loss
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CorruptCheckpointError, latest_checkpoint, load_checkpoint, read_state, save_checkpoint, verify_checkpoint
 from .loop import NonFiniteLossError, TrainConfig, batch_indices, evaluate, lr_factor, param_groups, train
 
 __all__ = [
@@ -20,5 +20,8 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",
+    "read_state",
+    "verify_checkpoint",
+    "CorruptCheckpointError",
     "distillation_loss",
 ]

@@ -11,17 +11,25 @@ Atomicity: a checkpoint is written into a temporary directory (``.tmp-step_...``
 fsync'ed, the directory is renamed into place (``os.replace``, atomic on POSIX), and only then is
 ``latest.json`` replaced (temp file + ``os.replace``). A crash at any point leaves the previous
 ``latest.json`` pointing at a complete checkpoint; stale ``.tmp-*`` directories are removed by the
-next save. Fault injection for tests: ``STRASSENKIT_FAULT=kill_in_checkpoint:<step>`` SIGKILLs the
+next save.
+
+Integrity: every checkpoint directory holds ``SHA256SUMS`` (``sha256sum -c`` format) for its three
+files. :func:`latest_checkpoint` verifies the checkpoint it returns; when the newest one is damaged
+(truncated, overwritten, a foreign or unreadable ``latest.json`` / ``state.json``) it falls back to the
+newest intact one with a warning that names the bad file, and raises (naming every bad file) when no
+intact checkpoint is left. Every load error names the file. Fault injection for tests: ``STRASSENKIT_FAULT=kill_in_checkpoint:<step>`` SIGKILLs the
 process after the model file of that step was written and before the rename.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
 import signal
+import warnings
 
 import numpy as np
 import torch
@@ -29,9 +37,75 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ._faults import fault_requested
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "atomic_write_text"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "atomic_write_text", "read_state",
+           "verify_checkpoint", "CorruptCheckpointError"]
 
 _LATEST = "latest.json"
+_SUMS = "SHA256SUMS"
+_FILES = ("model.safetensors", "state.safetensors", "state.json")
+
+
+class CorruptCheckpointError(RuntimeError, ValueError):
+    """A checkpoint file is damaged or not a strassenkit checkpoint; the message names the file.
+
+    A RuntimeError, and a ValueError because it is about bad input (the CLI reports it in one line).
+    """
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checkpoint(ckpt_dir: str) -> str | None:
+    """None if ``ckpt_dir`` is an intact checkpoint, else what is wrong with which file.
+
+    Checks that the files exist, their SHA-256 against ``SHA256SUMS`` (checkpoints written before
+    checksums existed are checked for presence only), and that ``state.json`` reads as a checkpoint state.
+    """
+    for name in _FILES:
+        if not os.path.isfile(os.path.join(ckpt_dir, name)):
+            return f"{os.path.join(ckpt_dir, name)} is missing"
+    sums = os.path.join(ckpt_dir, _SUMS)
+    if os.path.exists(sums):
+        want = {}
+        try:
+            with open(sums) as f:
+                for line in f.read().splitlines():
+                    digest, _, name = line.partition(" ")
+                    want[name.strip().lstrip("*")] = digest
+        except (OSError, UnicodeDecodeError) as e:
+            return f"{sums} is unreadable ({e})"
+        for name in _FILES:
+            if want.get(name) is None:
+                return f"{sums} has no checksum for {name}"
+            if _sha256(os.path.join(ckpt_dir, name)) != want[name]:
+                return f"{os.path.join(ckpt_dir, name)} does not match its SHA-256 in {_SUMS} (truncated or overwritten)"
+    try:
+        read_state(ckpt_dir)
+    except CorruptCheckpointError as e:
+        return str(e)
+    return None
+
+
+def read_state(ckpt_dir: str) -> dict:
+    """The JSON state of a checkpoint (``step``, ``config``, ...); CorruptCheckpointError naming the file."""
+    path = os.path.join(ckpt_dir, "state.json")
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path} is missing: {ckpt_dir} is not a complete checkpoint") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(f"{path} is not valid JSON ({e}): the checkpoint is damaged") from None
+    missing = [k for k in ("step", "config", "optimizer", "rng") if not isinstance(state, dict) or k not in state]
+    if missing or not isinstance(state.get("step"), int):
+        raise CorruptCheckpointError(f"{path} is not a strassenkit checkpoint state (missing or bad keys "
+                                     f"{missing or ['step']}); it was not written by save_checkpoint")
+    return state
 
 
 def _fsync_dir(path: str) -> None:
@@ -141,30 +215,61 @@ def save_checkpoint(
         json.dump(state, f)
         f.flush()
         os.fsync(f.fileno())
+    with open(os.path.join(tmp, _SUMS), "w") as f:
+        f.write("".join(f"{_sha256(os.path.join(tmp, n))}  {n}\n" for n in _FILES))
+        f.flush()
+        os.fsync(f.fileno())
     final = os.path.join(root, name)
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
     atomic_write_text(os.path.join(root, _LATEST), json.dumps({"step": step, "dir": name}))
-    done = sorted(n for n in os.listdir(root) if n.startswith("step_") and n != name)
+    # only older checkpoints count: a newer one left behind by a fallback to an older checkpoint is not a reason
+    # to delete a good one (it is replaced when the run reaches its step)
+    done = sorted(n for n in os.listdir(root) if n.startswith("step_") and n < name)
     for old in done[: max(0, len(done) - (keep - 1))]:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     return final
 
 
 def latest_checkpoint(out_dir: str) -> str | None:
-    """Directory of the last complete checkpoint under ``out_dir`` (None if there is none)."""
+    """Directory of the newest intact checkpoint under ``out_dir`` (None if there is none at all).
+
+    The one ``latest.json`` names, verified (:func:`verify_checkpoint`); if it or ``latest.json`` is
+    damaged, the newest older intact checkpoint, with a warning naming the bad file. Raises
+    CorruptCheckpointError when checkpoints exist but none is intact.
+    """
     root = os.path.join(out_dir, "checkpoints")
-    path = os.path.join(root, _LATEST)
-    if not os.path.exists(path):
+    if not os.path.isdir(root):
         return None
-    with open(path) as f:
-        d = json.load(f)
-    ckpt = os.path.join(root, d["dir"])
-    if not os.path.exists(os.path.join(ckpt, "state.json")):
-        raise FileNotFoundError(f"{path} points at {ckpt}, which is incomplete or missing")
-    return ckpt
+    steps = sorted((n for n in os.listdir(root) if n.startswith("step_") and os.path.isdir(os.path.join(root, n))),
+                   reverse=True)
+    path = os.path.join(root, _LATEST)
+    problems: list[str] = []
+    candidates = steps
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                d = json.load(f)
+            if not isinstance(d, dict) or not isinstance(d.get("dir"), str) or d["dir"] not in steps:
+                raise ValueError(f"{str(d)[:80]!r} does not name a checkpoint directory of {root}")
+            candidates = [d["dir"]] + [n for n in steps if n < d["dir"]]
+        except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+            problems.append(f"{path} is unreadable or foreign ({e})")
+    elif not steps:
+        return None
+    for name in candidates:
+        ckpt = os.path.join(root, name)
+        bad = verify_checkpoint(ckpt)
+        if bad is None:
+            if problems:
+                warnings.warn(f"checkpoint damaged: {'; '.join(problems)}. Falling back to the newest intact checkpoint "
+                              f"{ckpt}", stacklevel=2)
+            return ckpt
+        problems.append(bad)
+    raise CorruptCheckpointError(f"no intact checkpoint under {root}: {'; '.join(problems) or 'none found'}. Delete "
+                                 f"the damaged checkpoints (or the whole directory) to start over")
 
 
 def load_checkpoint(
@@ -172,22 +277,42 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     restore_rng: bool = True,
+    verify: bool = True,
 ) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and ``optimizer``).
 
     Returns the JSON state (``step``, ``config``, ``extra``). Missing or unexpected model keys raise.
+    ``verify`` checks the files' SHA-256 first (:func:`verify_checkpoint`); every error names the file.
     """
-    with open(os.path.join(ckpt_dir, "state.json")) as f:
-        state = json.load(f)
-    missing, unexpected = load_model(model, os.path.join(ckpt_dir, "model.safetensors"), strict=False)
+    if verify:
+        bad = verify_checkpoint(ckpt_dir)
+        if bad is not None:
+            raise CorruptCheckpointError(f"{bad}; not loading {ckpt_dir}")
+    state = read_state(ckpt_dir)
+    model_file = os.path.join(ckpt_dir, "model.safetensors")
+    try:
+        missing, unexpected = load_model(model, model_file, strict=False)
+    except RuntimeError as e:  # tensors that do not fit the model (size mismatch)
+        raise RuntimeError(f"loading {model_file} into the model failed: {e}") from None
+    except Exception as e:  # noqa: BLE001 - safetensors: SafetensorError "incomplete metadata", OSError, ...
+        raise CorruptCheckpointError(f"{model_file} cannot be read ({type(e).__name__}: {e}): the checkpoint is "
+                                     f"damaged") from None
     if missing or unexpected:
         raise RuntimeError(
-            f"checkpoint {ckpt_dir} does not fit the model: missing {sorted(missing)[:5]}, unexpected "
+            f"checkpoint {model_file} does not fit the model: missing {sorted(missing)[:5]}, unexpected "
             f"{sorted(unexpected)[:5]}; build the model with the same config (and conversion) first"
         )
-    tensors = load_file(os.path.join(ckpt_dir, "state.safetensors"))
-    if optimizer is not None:
-        _optim_join(optimizer, tensors, state["optimizer"])
-    if restore_rng:
-        _set_rng_state(state["rng"], tensors)
+    state_file = os.path.join(ckpt_dir, "state.safetensors")
+    try:
+        tensors = load_file(state_file)
+    except Exception as e:  # noqa: BLE001 - safetensors raises several error types for damaged files
+        raise CorruptCheckpointError(f"{state_file} cannot be read ({e}): the checkpoint is damaged") from None
+    try:
+        if optimizer is not None:
+            _optim_join(optimizer, tensors, state["optimizer"])
+        if restore_rng:
+            _set_rng_state(state["rng"], tensors)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise RuntimeError(f"the optimizer / RNG state in {ckpt_dir} (state.json, state.safetensors) does not fit: "
+                           f"{type(e).__name__}: {e}; resume with the model and options the run was started with") from None
     return state
