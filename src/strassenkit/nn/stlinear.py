@@ -9,6 +9,11 @@ Learned parameters: the encoded weight ``w_hat`` (rank, ceil(K/t), ceil(N/t)), t
 encoder ``enc_x`` (rank, row_tile*t), the decoder ``dec`` (row_tile*t, rank) and ``bias`` (N).
 The weight encoder ``enc_w`` (rank, t*t) is kept as a buffer: it is what encodes a dense weight
 (``from_linear``, calibration) and is not needed by the forward pass.
+
+Non-finite inputs: a NaN or Inf anywhere in one input row makes *every* output row of its row tile
+NaN (an Inf becomes NaN: encoders take differences), even with an exact algorithm, where nn.Linear
+would only spoil that row. Rows of other tiles and of other samples are unaffected; with
+``row_tile=1`` it stays in its own row. Check inputs with ``torch.isfinite`` if that matters.
 """
 
 from __future__ import annotations
@@ -47,6 +52,11 @@ def dense_weight_of(module: nn.Module) -> torch.Tensor:
 
 class STLinear(nn.Module):
     """y = STL(x, w_hat) + bias with tile t, rank r.
+
+    A NaN/Inf in one input row turns the whole row tile (``row_tile`` consecutive rows of that
+    sample) into NaN, even with an exact algorithm (see the module docstring); ``row_tile=1`` keeps
+    it in its row. Meta device: ``STLinear(..., device="meta")`` (or inside ``with torch.device("meta")``)
+    builds the layer without values; ``to_empty(device=...)`` + ``load_state_dict`` fills it, as for nn.Linear.
 
     Args:
         in_features (K), out_features (N): as nn.Linear.
