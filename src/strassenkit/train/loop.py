@@ -173,10 +173,78 @@ def _task_loss(logits, y, task):
     return F.cross_entropy(logits, y)
 
 
+class _Samples:
+    """Training or evaluation data: ``(x, y)`` tensors, or a dict of model keyword inputs (samples on dim 0)."""
+
+    def __init__(self, data, what: str = "data"):
+        self.keywords = isinstance(data, dict) or (hasattr(data, "keys") and hasattr(data, "__getitem__"))
+        if self.keywords:
+            data = dict(data)
+            bad = [k for k, v in data.items() if not isinstance(v, torch.Tensor)]
+            if not data or bad:
+                raise TypeError(f"{what}: a dict of model inputs must map names to tensors with the samples on dim 0 "
+                                f"(e.g. input_ids, attention_mask); {'it is empty' if not data else f'not tensors: {bad}'}")
+            lens = {k: len(v) for k, v in data.items()}
+            if len(set(lens.values())) != 1:
+                raise ValueError(f"{what}: every tensor needs the same number of samples on dim 0, got {lens}")
+            self.inputs, self.y, self.n = data, None, next(iter(lens.values()))
+        else:
+            if not (isinstance(data, (tuple, list)) and len(data) == 2):
+                raise TypeError(f"{what} must be (x, y) tensors or a dict of model inputs, got {type(data).__name__}")
+            x, y = data
+            if len(x) != len(y):
+                raise ValueError(f"{what}: x has {len(x)} samples but y has {len(y)}")
+            self.inputs, self.y, self.n = x, y, len(x)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def take(self, idx):
+        """(model inputs, targets or None) of the samples ``idx`` (an index tensor or a slice)."""
+        if self.keywords:
+            return {k: v[idx] for k, v in self.inputs.items()}, None
+        return self.inputs[idx], self.y[idx]
+
+    def call(self, model, inputs):
+        return model(**inputs) if self.keywords else model(inputs)
+
+
+def _custom_loss(loss_fn, out, inputs, y, t_out):
+    """The loss of a batch when the data are model keyword inputs or a ``loss_fn`` is given."""
+    if loss_fn is not None:
+        loss = loss_fn(out, inputs if y is None else (inputs, y), t_out)
+    else:
+        loss = getattr(out, "loss", None)
+        if loss is None:
+            raise ValueError("train: with a dict of model inputs, pass loss_fn=(outputs, batch, teacher_outputs) -> loss, "
+                             "or include labels so that the model's output has .loss")
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+        raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
+                        f"{'' if not isinstance(loss, torch.Tensor) else f' of shape {tuple(loss.shape)}'}")
+    return loss.float()
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data, cfg: TrainConfig) -> dict:
-    """Mean loss and accuracy (classification) / perplexity and token accuracy (lm) on (x, y)."""
-    x, y = data
+def evaluate(model: nn.Module, data, cfg: TrainConfig, loss_fn=None, teacher: nn.Module | None = None) -> dict:
+    """Mean loss and accuracy (classification) / perplexity and token accuracy (lm) on (x, y).
+
+    With a dict of model inputs (or a ``loss_fn``): ``{"eval_loss"}``, the sample-weighted mean of the
+    batch losses (``loss_fn(outputs, batch, teacher_outputs)``, or the model's ``.loss``).
+    """
+    samples = _Samples(data, "eval_data")
+    if samples.keywords or loss_fn is not None:
+        was = model.training
+        model.eval()
+        tot, n = 0.0, 0
+        for s in range(0, len(samples), cfg.eval_batch_size):
+            inputs, yb = samples.take(slice(s, s + cfg.eval_batch_size))
+            t_out = samples.call(teacher, inputs) if teacher is not None else None
+            k = len(next(iter(inputs.values()))) if samples.keywords else len(inputs)
+            tot += float(_custom_loss(loss_fn, samples.call(model, inputs), inputs, yb, t_out)) * k
+            n += k
+        model.train(was)
+        return {"eval_loss": tot / n}
+    x, y = samples.inputs, samples.y
     was = model.training
     model.eval()
     tot_loss, tot_n, correct = 0.0, 0, 0
@@ -256,12 +324,15 @@ def train(
     teacher: nn.Module | None = None,
     resume: bool = False,
     extra_config: dict | None = None,
+    loss_fn=None,
 ) -> dict:
     """Train ``model`` in place; returns the final metrics dict (``step``, ``loss``, eval metrics).
 
     Args:
         model: maps a batch of inputs to logits ((B, C) or (B, L, V) for task "lm").
-        data: (x, y) tensors with the samples on dim 0.
+        data: (x, y) tensors with the samples on dim 0, or a dict of model keyword inputs
+            (``{"input_ids": (S, L), "attention_mask": (S, L)}``, samples on dim 0): batches are then
+            called as ``model(**batch)``, e.g. a Hugging Face model.
         config: :class:`TrainConfig`.
         out_dir: where metrics.jsonl and checkpoints go (None: nothing is written, no resume).
         eval_data: optional (x, y) evaluated every ``eval_every`` steps and at the end.
@@ -269,6 +340,11 @@ def train(
         resume: continue from the last complete checkpoint in ``out_dir`` if there is one.
         extra_config: JSON-able dict stored in checkpoints beside the TrainConfig (e.g. model and
             conversion settings the caller needs to rebuild the model).
+        loss_fn: ``loss_fn(outputs, batch, teacher_outputs) -> scalar`` replaces the task loss (and the
+            logit distillation loss): ``batch`` is the dict of model inputs, or ``(x, y)``;
+            ``teacher_outputs`` is the teacher's output on the same batch (None without a teacher).
+            Needed for dict data unless the model's output has ``.loss``. E.g. hidden-state
+            distillation of a converted Hugging Face encoder from its dense original.
     """
     cfg = config
     if not isinstance(cfg, TrainConfig):
@@ -277,15 +353,16 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(model, data, cfg, out_dir, eval_data, teacher, resume, extra_config)
+        return _train(model, data, cfg, out_dir, eval_data, teacher, resume, extra_config, loss_fn)
     finally:
         torch.set_num_threads(prev_threads)
 
 
-def _train(model, data, cfg, out_dir, eval_data, teacher, resume, extra_config) -> dict:
-    x_all, y_all = data
-    if len(x_all) != len(y_all):
-        raise ValueError(f"data: x has {len(x_all)} samples but y has {len(y_all)}")
+def _train(model, data, cfg, out_dir, eval_data, teacher, resume, extra_config, loss_fn=None) -> dict:
+    samples = _Samples(data)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable(outputs, batch, teacher_outputs) -> loss, got {type(loss_fn).__name__}")
+    custom = samples.keywords or loss_fn is not None
     world, rank = _dist_info()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
@@ -338,25 +415,28 @@ def _train(model, data, cfg, out_dir, eval_data, teacher, resume, extra_config) 
     t0 = time.perf_counter()
     try:
         for step in bar:
-            idx = batch_indices(step, len(x_all), cfg.batch_size, cfg.seed)
+            idx = batch_indices(step, len(samples), cfg.batch_size, cfg.seed)
             per = cfg.batch_size // world
             idx = idx[rank * per:(rank + 1) * per]
-            xb, yb = x_all[idx], y_all[idx]
+            xb, yb = samples.take(idx)
             f = lr_factor(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * g["lr_mult"] * f
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = ddp_model(xb)
+                logits = samples.call(ddp_model, xb)
+                t_logits = None
                 if teacher is not None:
                     with torch.no_grad():
-                        t_logits = teacher(xb)
-            logits = logits.float()
-            if teacher is not None:
+                        t_logits = samples.call(teacher, xb)
+            if custom:
+                loss = _custom_loss(loss_fn, logits, xb, yb, t_logits)
+            elif teacher is not None:
+                logits = logits.float()
                 s_flat = logits.reshape(-1, logits.shape[-1])
                 loss = distillation_loss(s_flat, yb.reshape(-1), t_logits.float().reshape(-1, logits.shape[-1]),
                                          cfg.kd_lambda, cfg.kd_temperature)
             else:
-                loss = _task_loss(logits, yb, cfg.task)
+                loss = _task_loss(logits.float(), yb, cfg.task)
             if s_cap is not None and cfg.hidden_kd_weight:
                 for sn, tn in cfg.hidden_kd.items():
                     loss = loss + cfg.hidden_kd_weight * F.mse_loss(s_cap.out[sn].float(), t_cap.out[tn].float().detach())
@@ -392,7 +472,7 @@ def _train(model, data, cfg, out_dir, eval_data, teacher, resume, extra_config) 
             last = {"step": done, "loss": lval, "lr": cfg.lr * f, "grad_norm": float(gn),
                     "time_s": round(time.perf_counter() - t0, 3)}
             if eval_data is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-                last.update(evaluate(model, eval_data, cfg))
+                last.update(evaluate(model, eval_data, cfg, loss_fn, teacher if custom else None))
             final_eval = eval_data is not None and done == cfg.steps  # logged once, with the final evaluation
             if mfile and not final_eval and (done % cfg.log_every == 0 or done == cfg.steps or "eval_loss" in last):
                 mfile.write(json.dumps(last) + "\n")
@@ -407,7 +487,7 @@ def _train(model, data, cfg, out_dir, eval_data, teacher, resume, extra_config) 
             if fault_requested("kill_after_step", done):
                 os.kill(os.getpid(), signal.SIGKILL)
         if eval_data is not None:
-            last.update(evaluate(model, eval_data, cfg))
+            last.update(evaluate(model, eval_data, cfg, loss_fn, teacher if custom else None))
             if mfile:
                 mfile.write(json.dumps({**last, "final": True}) + "\n")
         if out_dir and start < cfg.steps and rank == 0:
