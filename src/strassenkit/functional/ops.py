@@ -12,7 +12,10 @@ backward needs, x_hat (r, B*Mt, Kt) and prod (r, B*Mt, Nt) in the compute dtype 
 Only ``y`` is meant for users (:func:`strassenkit.functional.stl.stl_apply` drops the others);
 gradients that reach x_hat or prod are ignored.
 
-Kernels: float32/float64 on CPU use the native C++ kernels of ``csrc/stl_kernels.cpp`` (see
+Kernels: CUDA tensors (float32/float16/bfloat16) use the Triton kernels of :mod:`.triton_stl` for the two
+memory-bound stages (tile gather + encode in one kernel, decode + tile scatter in one kernel, and the
+encoder/decoder gradients) when Triton imports; the core stays ``torch.bmm`` (cuBLAS).
+float32/float64 on CPU use the native C++ kernels of ``csrc/stl_kernels.cpp`` (see
 :mod:`.native`: compiled once per machine; tile gather + encode and decode + tile scatter fused in one
 pass over cache-sized column chunks, threads take slices of chunks from a shared queue; the r core GEMMs likewise, each
 single-threaded). Everything else, or ``backend("torch")``, or ``STRASSENKIT_NATIVE=0``, uses the
@@ -48,7 +51,7 @@ import torch
 from torch import Tensor
 
 from .._utils import ceil_div, pad_last2
-from . import native
+from . import native, triton_stl
 
 __all__ = ["stl_forward", "bmm", "compute_dtype", "native_low_precision", "backend", "active_backend"]
 
@@ -73,20 +76,29 @@ def compute_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
 
 # --------------------------------------------------------------------------- backends
 # "native": the C++ kernels of csrc/stl_kernels.cpp (float32/float64 on CPU; compiled once per
-# machine, see .native). "torch": the pure-PyTorch helpers below. "auto" (default) takes native
-# where it applies and torch elsewhere. Both compute the same values; tests compare them.
-_BACKENDS = ("auto", "native", "torch")
+# machine, see .native). "triton": the Triton kernels of .triton_stl (encode/decode of CUDA tensors
+# in float32/float16/bfloat16; also CPU tensors in Triton's interpreter, TRITON_INTERPRET=1).
+# "torch": the pure-PyTorch helpers below (the reference). "auto" (default) takes native on CPU and
+# triton on CUDA where they apply, torch elsewhere. All compute the same values; tests compare them.
+_BACKENDS = ("auto", "native", "torch", "triton")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _backend = "auto"
 
 
 @contextlib.contextmanager
 def backend(name: str):
-    """Context manager selecting the fast path's kernels: "auto", "native" or "torch"."""
+    """Context manager selecting the fast path's kernels: "auto", "native", "triton" or "torch".
+
+    "triton" uses the Triton kernels wherever they can run (CUDA tensors; CPU tensors only in the
+    interpreter) and the pure-PyTorch path elsewhere (e.g. float64)."""
     global _backend
     if name not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
     if name == "native" and not native.available():
         raise RuntimeError("backend('native'): the native kernels could not be built or were disabled (STRASSENKIT_NATIVE=0)")
+    if name == "triton" and not triton_stl.available("cuda"):
+        raise RuntimeError("backend('triton'): Triton is not installed (or STRASSENKIT_TRITON=0), or there is neither a "
+                           "CUDA device nor TRITON_INTERPRET=1")
     old, _backend = _backend, name
     try:
         yield
@@ -96,13 +108,24 @@ def backend(name: str):
 
 def active_backend(dtype: torch.dtype = torch.float32, device_type: str = "cpu") -> str:
     """Which kernels the fast path uses for tensors of (compute) ``dtype`` on ``device_type``."""
-    if _backend == "torch" or device_type != "cpu" or dtype not in (torch.float32, torch.float64):
+    if _backend == "torch":
+        return "torch"
+    if (_backend == "triton" or (_backend == "auto" and device_type == "cuda")) and dtype in _TRITON_DTYPES:
+        if triton_stl.available(device_type):
+            return "triton"
+    if _backend == "triton" or device_type != "cpu" or dtype not in (torch.float32, torch.float64):
         return "torch"
     return "native" if native.available() else "torch"
 
 
 def _native_for(t: Tensor) -> bool:
     return active_backend(t.dtype, t.device.type) == "native"
+
+
+def _triton_for(t: Tensor) -> bool:
+    if isinstance(t, torch._subclasses.FakeTensor) or t.is_meta:  # tracing: no kernel launches
+        return False
+    return active_backend(t.dtype, t.device.type) == "triton"
 
 
 def bmm(a: Tensor, b: Tensor) -> Tensor:
@@ -148,6 +171,9 @@ def _encode(x: Tensor, enc: Tensor, n: int, m: int, Mt: int, Kt: int, wgrad_of: 
     With ``wgrad_of`` = G (r, B*Mt, Kt) also returns sum over tiles of G x tiles^T (r, n*m), the
     gradient of the encoder, computed from the same cache-hot tile blocks.
     """
+    if _triton_for(x):
+        out = triton_stl.encode(x, enc, n, m, Mt, Kt)
+        return out, (triton_stl.tiles_wgrad(x, wgrad_of, n, m, Mt, Kt) if wgrad_of is not None else None)
     if _native_for(x):
         G = wgrad_of.contiguous() if wgrad_of is not None else x.new_empty(0)
         out, genc = torch.ops.strassenkit_native.encode(x, enc, n, m, Mt, Kt, True, G)
@@ -168,6 +194,8 @@ def _encode(x: Tensor, enc: Tensor, n: int, m: int, Mt: int, Kt: int, wgrad_of: 
 
 def _tiles_wgrad(x: Tensor, g: Tensor, n: int, m: int, Mt: int, Kt: int) -> Tensor:
     """sum over tiles of g (r, B*Mt, Kt) x tiles(x)^T -> (r, n*m) without materializing all tiles."""
+    if _triton_for(x):
+        return triton_stl.tiles_wgrad(x, g, n, m, Mt, Kt)
     if _native_for(x):
         unused_enc = g.new_empty((g.shape[0], n * m))  # want_out=False: only its shape is checked
         return torch.ops.strassenkit_native.encode(x, unused_enc, n, m, Mt, Kt, False, g.contiguous())[1]
@@ -182,6 +210,8 @@ def _tiles_wgrad(x: Tensor, g: Tensor, n: int, m: int, Mt: int, Kt: int) -> Tens
 
 def _decode(P: Tensor, dec: Tensor, n: int, p: int, B: int, Mt: int, M: int, N: int) -> Tensor:
     """P (r, B*Mt, Nt) -> (B, M, N): y[b, a*n+i, c*p+k] = sum_l dec[i*p+k, l] P[l, b*Mt+a, c]."""
+    if _triton_for(P):
+        return triton_stl.decode(P, dec, n, p, B, Mt, M, N)
     if _native_for(P):
         return torch.ops.strassenkit_native.decode(P, dec, n, p, B, Mt, M, N)
     r, BMt, Nt = P.shape
