@@ -526,7 +526,8 @@ def calibrate_(
                     f"calibrate_: {name} is underdetermined: {int(d.valid.sum())} real rows give {equations} equations "
                     f"per output column block for {unknowns} unknowns of w_hat, so the fit can match these batches "
                     f"exactly and generalise badly. Pass more batches (>= {math.ceil(unknowns / layer.tile)} real "
-                    f"rows), a larger ridge= (e.g. 1e-2), and heldout= batches to see the error on unseen data",
+                    f"rows), a larger ridge= (now {ridge:g}; e.g. {max(1e-2, 10 * ridge):g}), and heldout= batches to see "
+                    f"the error on unseen data",
                     stacklevel=2)
             enc_x, dec, w_hat = (p.detach().cpu().double() for p in (layer.enc_x, layer.dec, layer.w_hat))
             rel0, sq0 = tile_error(d, enc_x, w_hat, dec)
