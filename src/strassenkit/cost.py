@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .nn import SPNBilinear, SPNConv2d, SPNLinear, SPNModule, STLinear
+from .nn.stlinear import dense_weight_of, is_linear_like
 
 __all__ = ["LayerCost", "CostReport", "count", "register_counter", "counter_for", "matrix_op_cost"]
 
@@ -113,15 +114,22 @@ def register_counter(module_type: type):
 
 
 def counter_for(module: nn.Module):
-    """The registered cost counter for ``module``'s type (or a base class), or None."""
+    """The registered cost counter for ``module``'s type (or a base class), or None.
+
+    transformers' Conv1D (not imported here) counts as the linear layer it is.
+    """
     for klass in type(module).__mro__:
         if klass in _COUNTERS:
             return _COUNTERS[klass]
+    if is_linear_like(module):
+        return _linear_cost
     return None
 
 
 def count(model: nn.Module, *example_inputs, **example_kwargs) -> CostReport:
     """Run ``model(*example_inputs)`` under no_grad with hooks; one row per supported leaf module."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"count(model, *example_inputs): model must be an nn.Module, got {type(model).__name__}")
     rows: list[LayerCost] = []
     handles = []
 
@@ -170,9 +178,10 @@ def _rows(x: torch.Tensor) -> int:
 
 # ------------------------------------------------------------------ counters
 @register_counter(nn.Linear)
-def _linear_cost(module: nn.Linear, inputs, output) -> LayerCost:
+def _linear_cost(module: nn.Module, inputs, output) -> LayerCost:
+    """nn.Linear, and transformers' Conv1D (weight (in, out)), which counter_for maps here by shape."""
     rows = _rows(inputs[0])
-    K, N = module.in_features, module.out_features
+    N, K = dense_weight_of(module).shape
     macs = rows * K * N
     adds = rows * (K - 1) * N + (rows * N if module.bias is not None else 0)
     return LayerCost("", "linear", macs_core=macs, mults=macs, adds=adds, params=_params(module), dense_macs=macs)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..nn.stlinear import dense_weight_of, is_linear_like
 from .config import transform_for
 from . import record
 from .targets import TargetRow, plan_targets, resolve_causal
@@ -222,10 +223,10 @@ def inspect_targets(
     report = InspectReport(rows, is_causal)
     if example_inputs is None:
         for row in rows:
-            if row.status == "convert" and isinstance(mods[row.name], nn.Linear):
+            if row.status == "convert" and is_linear_like(mods[row.name]):
                 m = new[row.name]
                 n = getattr(m, "row_tile", 1)
-                row.cost = _probe_cost(m, n, mods[row.name].in_features)
+                row.cost = _probe_cost(m, n, dense_weight_of(mods[row.name]).shape[1])
     else:
         from ..cost import count
 
@@ -247,7 +248,7 @@ def inspect_targets(
             if d is None:
                 continue
             m = mods[row.name]
-            nrows = d.dense_macs // (m.in_features * m.out_features) if isinstance(m, nn.Linear) else 0
+            nrows = d.dense_macs // dense_weight_of(m).numel() if is_linear_like(m) else 0
             c = conv.get(row.name, d if row.status != "convert" else None)
             row.cost = {"dense_macs": d.dense_macs}
             if c is not None:
