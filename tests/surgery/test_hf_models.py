@@ -329,3 +329,11 @@ def test_peft_adapters_are_left_alone():
         conv = sk.strassenify_(model, sk.STLConfig(tile=4, rank=24))
     assert conv and not any("lora_" in n or ".query" in n or ".value" in n for n in conv)
     assert any(n.endswith("attention.self.key") for n in conv)
+
+
+def test_conv1d_is_counted_as_a_linear_layer():
+    g = GPT2Model(_gpt2_cfg())
+    ids = torch.randint(2, V, (2, 16))
+    rows = {c.name: c for c in sk.cost.count(g, input_ids=ids).layers}
+    assert rows["h.0.attn.c_attn"].dense_macs == 2 * 16 * 64 * 192
+    assert rows["h.0.mlp.c_proj"].macs == 2 * 16 * 256 * 64
