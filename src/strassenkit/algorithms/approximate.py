@@ -512,6 +512,7 @@ def approximate(family: str, tile: int = 4, rank: int = 24, seed: int = 0, row_t
     """
     if not isinstance(family, str):
         raise TypeError(f"family must be a string such as 'als', got {type(family).__name__}")
+    check_int("tile", tile)
     row_tile = tile if row_tile is None else row_tile
     _check_format(row_tile, tile, tile, rank)
     n, m, p = row_tile, tile, tile

@@ -82,7 +82,7 @@ def stl_encode_weight(w: torch.Tensor, enc_w: torch.Tensor, tile) -> torch.Tenso
     Kt, Nt = ceil_div(K, m), ceil_div(N, p)
     w = pad_last2(w, Kt * m, Nt * p)
     tiles = w.reshape(Kt, m, Nt, p).permute(1, 3, 0, 2).reshape(m * p, Kt * Nt)
-    return (enc_w.to(w.dtype) @ tiles).reshape(-1, Kt, Nt)
+    return (enc_w.to(w.dtype) @ tiles).reshape(enc_w.shape[0], Kt, Nt)  # not -1: ambiguous when K == 0
 
 
 def stl_encode_weight_reference(w: torch.Tensor, enc_w: torch.Tensor, tile) -> torch.Tensor:

@@ -85,6 +85,10 @@ class STLinear(nn.Module):
         for name, v in (("in_features", in_features), ("out_features", out_features), ("tile", tile), ("rank", rank)):
             check_int(name, v)
         check_int("row_tile", row_tile, allow_none=True)
+        check_int("seed", seed, lo=0)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype (torch.float32, torch.float64, torch.bfloat16, "
+                            f"...), got {dtype!r}")
         row_tile = tile if row_tile is None else row_tile
         self.in_features, self.out_features = in_features, out_features
         self.tile, self.row_tile, self.rank = tile, row_tile, rank
@@ -184,7 +188,9 @@ class STLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"STLinear expects a torch.Tensor input (..., {self.in_features}), got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"STLinear expected input (..., {self.in_features}), got shape {tuple(x.shape)}")
         if x.dim() < 3 and self.row_tile > 1:
             raise ValueError(
