@@ -142,7 +142,10 @@ def _rng_state() -> tuple[dict, dict]:
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
     }
-    return js, {"rng.torch": torch.get_rng_state()}
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # GPU runs: dropout etc. draw from these
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return js, tensors
 
 
 def _set_rng_state(js: dict, tensors: dict) -> None:
@@ -151,6 +154,9 @@ def _set_rng_state(js: dict, tensors: dict) -> None:
     n = js["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k[9:]))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _optim_split(optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict]:

@@ -3,7 +3,10 @@
 ``train(model, data, config, out_dir, eval_data=None, teacher=None, resume=False)``
 
 - AdamW with per-parameter-group learning rates (``TrainConfig.lr_groups``), linear warmup then cosine
-  decay to ``min_lr_ratio * lr``, gradient clipping, optional bf16 autocast on CPU.
+  decay to ``min_lr_ratio * lr``, gradient clipping, optional bf16 autocast (on the training device).
+- Device: ``TrainConfig.device`` (default None: CUDA if available, else CPU; under torchrun each
+  process takes ``cuda:LOCAL_RANK``). The model (and a teacher) are moved there in place, every batch
+  is moved there after it is drawn (the data may stay on the CPU), autocast runs for that device type.
 - Tasks: "classification" (logits (B, C), labels (B,)) and "lm" (logits (B, L, V), next tokens (B, L);
   label -100 is ignored). The loss is cross entropy, or with a ``teacher`` the distillation loss
   ``(1 - kd_lambda) CE + kd_lambda T^2 KL-style soft term`` of :mod:`strassenkit.train.distill`, plus
@@ -22,7 +25,8 @@
   than PyTorch's default (thread synchronization dominates small ops); run DDP with one process per
   core. Set threads=0 to keep PyTorch's default (large matmuls can profit from more threads).
 - Multi-process: start with ``torchrun --nproc_per_node=2 ...``; the loop sees WORLD_SIZE > 1, joins a
-  gloo process group and wraps the model in DistributedDataParallel. Only rank 0 writes files.
+  process group (NCCL on CUDA, gloo on CPU) and wraps the model in DistributedDataParallel. Only rank 0
+  writes files.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ from .._utils import check_int
 from ._faults import fault_requested
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
-__all__ = ["TrainConfig", "NonFiniteLossError", "train", "lr_factor", "param_groups", "batch_indices", "evaluate"]
+__all__ = ["TrainConfig", "NonFiniteLossError", "train", "lr_factor", "param_groups", "batch_indices", "evaluate",
+           "resolve_device", "batch_to"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -87,6 +92,7 @@ class TrainConfig:
     threads: int = 1
     progress: bool = True
     version: int = 1
+    device: str | None = None  # None / "auto": CUDA if available, else CPU; or "cpu", "cuda", "cuda:1", ...
 
     def __post_init__(self):
         for name, lo in (("steps", 0), ("batch_size", 1)):
@@ -99,6 +105,11 @@ class TrainConfig:
             raise ValueError("TrainConfig.warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if self.device not in (None, "auto"):
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"TrainConfig.device must be None, 'auto' or a torch device string, got {self.device!r}") from None
         self.betas = tuple(self.betas)
 
     def to_dict(self) -> dict:
@@ -114,6 +125,49 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------ pieces
+def resolve_device(device: str | torch.device | None = None, local_rank: int | None = None) -> torch.device:
+    """The training device: None / "auto" is CUDA when available, else the CPU; a bare "cuda" becomes
+    ``cuda:LOCAL_RANK`` (one GPU per torchrun process)."""
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"TrainConfig(device={str(device)!r}): no CUDA device is available; use device='cpu'")
+        if dev.index is None:
+            lr = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
+            dev = torch.device("cuda", lr % torch.cuda.device_count())
+    return dev
+
+
+def _pg_backend(device: torch.device) -> str:
+    """The process-group backend for a training device: NCCL for CUDA, gloo otherwise."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def batch_to(batch, device: torch.device):
+    """A batch (a tensor, a dict / tuple / list of them, or None) with every tensor on ``device``."""
+    return _to(batch, device)
+
+
+def _to(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=batch.is_pinned())
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of the base lr at ``step`` (0-based): linear warmup, then cosine to min_lr_ratio."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -232,12 +286,13 @@ def evaluate(model: nn.Module, data, cfg: TrainConfig, loss_fn=None, teacher: nn
     batch losses (``loss_fn(outputs, batch, teacher_outputs)``, or the model's ``.loss``).
     """
     samples = _Samples(data, "eval_data")
+    dev = _model_device(model)  # batches go where the model is
     if samples.keywords or loss_fn is not None:
         was = model.training
         model.eval()
         tot, n = 0.0, 0
         for s in range(0, len(samples), cfg.eval_batch_size):
-            inputs, yb = samples.take(slice(s, s + cfg.eval_batch_size))
+            inputs, yb = batch_to(samples.take(slice(s, s + cfg.eval_batch_size)), dev)
             t_out = samples.call(teacher, inputs) if teacher is not None else None
             k = len(next(iter(inputs.values()))) if samples.keywords else len(inputs)
             tot += float(_custom_loss(loss_fn, samples.call(model, inputs), inputs, yb, t_out)) * k
@@ -249,8 +304,8 @@ def evaluate(model: nn.Module, data, cfg: TrainConfig, loss_fn=None, teacher: nn
     model.eval()
     tot_loss, tot_n, correct = 0.0, 0, 0
     for s in range(0, len(x), cfg.eval_batch_size):
-        xb, yb = x[s:s + cfg.eval_batch_size], y[s:s + cfg.eval_batch_size]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        xb, yb = batch_to((x[s:s + cfg.eval_batch_size], y[s:s + cfg.eval_batch_size]), dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             logits = model(xb)
         logits = logits.float()
         if cfg.task == "lm":
@@ -368,15 +423,21 @@ def _train(model, data, cfg, out_dir, eval_data, teacher, resume, extra_config, 
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (where the checkpoints are)")
+    dev = resolve_device(cfg.device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    model.to(dev)
+    if teacher is not None:
+        teacher.to(dev)
     ddp_model = model
     if world > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group("gloo")
+            dist.init_process_group(_pg_backend(dev))
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp_model = DistributedDataParallel(model)
+        ddp_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     torch.manual_seed(cfg.seed + 7919 * rank)
     groups = param_groups(model, cfg)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -418,11 +479,11 @@ def _train(model, data, cfg, out_dir, eval_data, teacher, resume, extra_config, 
             idx = batch_indices(step, len(samples), cfg.batch_size, cfg.seed)
             per = cfg.batch_size // world
             idx = idx[rank * per:(rank + 1) * per]
-            xb, yb = samples.take(idx)
+            xb, yb = batch_to(samples.take(idx), dev)
             f = lr_factor(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * g["lr_mult"] * f
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits = samples.call(ddp_model, xb)
                 t_logits = None
                 if teacher is not None:
@@ -466,7 +527,7 @@ def _train(model, data, cfg, out_dir, eval_data, teacher, resume, extra_config, 
             done = step + 1
             lval = float(loss.detach())
             if world > 1:
-                t = torch.tensor([lval])
+                t = torch.tensor([lval], device=dev)  # NCCL reduces device tensors only
                 dist.all_reduce(t)
                 lval = float(t) / world
             last = {"step": done, "loss": lval, "lr": cfg.lr * f, "grad_norm": float(gn),
