@@ -101,7 +101,8 @@ def verdict(case: Case) -> tuple[str, str]:
             if case.error is None or not isinstance(e, case.error):
                 return "crash", msg
             low = str(e).lower()
-            missing = [w for w in (*case.arg, *case.fix) if w.lower() not in low]
+            missing = [w for w in (*case.arg, *case.fix)  # "^word": the message starts with it
+                       if (not low.startswith(w[1:].lower()) if w.startswith("^") else w.lower() not in low)]
             return ("vague", f"message lacks {missing}: {msg}") if missing else ("clear error", msg)
     if case.error is not None:
         return "silent-wrong", f"no {getattr(case.error, '__name__', case.error)} raised: the bad input was accepted"
@@ -496,7 +497,7 @@ bad("algorithms.get('schoolbook:0,1,1')", lambda: get("schoolbook:0,1,1"), KeyEr
     fix=">= 1")
 bad("approximate unknown family", lambda: approximate("bogus"), ValueError, arg="bogus", fix="choose one of")
 bad("approximate(rank=0)", lambda: approximate("als", rank=0), ValueError, arg="rank", fix="integer >= 1")
-bad("approximate(tile=0)", lambda: approximate("random", tile=0), ValueError, arg="tile", fix="integer >= 1")
+bad("approximate(tile=0)", lambda: approximate("random", tile=0), ValueError, arg="^tile", fix="integer >= 1")
 
 
 def _npz(content):
@@ -685,6 +686,23 @@ def _():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rep = inspect_targets(Mlp(), STLConfig(), example_inputs=(torch.randn(4, 16),))
+    assert "row_tile" in rep.example_error, rep.example_error
+
+
+@ok("inspect_targets(example_inputs=...) also catches a failure that only happens in eval()")
+def _():
+    class EvalFlattens(nn.Module):  # like fused eval paths: a different code path outside training
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = self.fc(x if self.training else x.reshape(-1, x.shape[-1]))
+            return self.head(h)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = inspect_targets(EvalFlattens(), STLConfig(), example_inputs=(torch.randn(2, 8, 16),))
     assert "row_tile" in rep.example_error, rep.example_error
 
 
