@@ -337,3 +337,14 @@ def test_conv1d_is_counted_as_a_linear_layer():
     rows = {c.name: c for c in sk.cost.count(g, input_ids=ids).layers}
     assert rows["h.0.attn.c_attn"].dense_macs == 2 * 16 * 64 * 192
     assert rows["h.0.mlp.c_proj"].macs == 2 * 16 * 256 * 64
+
+
+def test_converting_twice_skips_converted_layers_quietly():
+    model = _bert()
+    sk.strassenify_(model, sk.STLConfig(tile=4, rank=24))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = sk.inspect_targets(model, {"re:.*query": sk.STLConfig(rank=30)}).rows
+    assert [str(w.message) for w in caught] == ["inspect_targets: targets='all-linear' matched no convertible module"]
+    assert {r.status for r in rows if r.name.endswith("query")} == {"skipped"}
+    assert all("already converted (STLinear)" in r.reason for r in rows if r.name.endswith("query"))

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..nn import STLinear
+from ..nn import SPNModule, STLinear
 from ..nn.stlinear import is_linear_like
 from .config import PerModuleConfig, STLConfig, is_config, supported_types, supports, transform_for
 
@@ -414,6 +414,8 @@ def plan_targets(model: nn.Module, config, targets="all-linear", exclude=None, c
                                              "(model.merge_and_unload()) to convert the base layer")
         elif name in heads and not explicit:
             r.status, r.reason = "head", "output head kept dense (pass head=None to convert it)"
+        elif not ok and isinstance(module, (STLinear, SPNModule)):
+            r.status, r.reason = "skipped", f"already converted ({type(module).__name__})"
         elif not ok:
             r.status = "unsupported"
             r.reason = (f"{type(module).__name__} is not supported by {type(cfg).__name__} (it converts "
