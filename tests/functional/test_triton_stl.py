@@ -59,11 +59,13 @@ def triton_present(monkeypatch):
     monkeypatch.setattr(triton_stl, "available", lambda device_type="cuda": device_type == "cuda")
 
 
-def test_cuda_tensors_dispatch_to_triton_when_it_is_available(triton_present):
+def test_cuda_tensors_dispatch_to_triton_when_it_is_available(triton_present, monkeypatch):
+    monkeypatch.setattr(ops.native, "available", lambda: True)  # no native build needed for this test
     for dt in (torch.bfloat16, torch.float16, torch.float32):
         assert ops.active_backend(dt, "cuda") == "triton"
     assert ops.active_backend(torch.float64, "cuda") == "torch"
-    assert ops.active_backend(torch.float32, "cpu") in ("native", "torch")  # CPU never takes Triton by default
+    assert ops.active_backend(torch.float32, "cpu") == "native"  # CPU never takes Triton by default
+    assert ops.active_backend(torch.bfloat16, "cpu") == "torch"
     with ops.backend("torch"):
         assert ops.active_backend(torch.bfloat16, "cuda") == "torch"  # the reference path stays selectable
 
@@ -90,8 +92,6 @@ def test_without_triton_everything_falls_back_to_pytorch(monkeypatch):
         triton_stl._importable.cache_clear()
 
 
-def test_importing_strassenkit_does_not_import_triton():
-    code = "import sys, strassenkit, strassenkit.functional.ops; print('triton' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "False"
+def test_importing_strassenkit_does_not_import_triton(interp):
+    # the kernels are built on first use; a plain `import strassenkit` must not pay for importing Triton
+    assert interp["import"] == {"triton_imported_by_strassenkit": False}

@@ -18,6 +18,7 @@ import torch  # noqa: E402
 import strassenkit as sk  # noqa: E402
 from strassenkit.functional import ops, stl_apply, stl_apply_reference, triton_stl  # noqa: E402
 
+IMPORTED_TRITON_AT_IMPORT = "triton" in sys.modules  # importing strassenkit must not import Triton
 torch.manual_seed(0)
 torch.set_num_threads(1)
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -126,5 +127,7 @@ record("stlinear/exact_r49/float32", rel(y, lin(x.double().float()).double()), t
 with ops.backend("triton"):
     kind = ops.active_backend(torch.float32, "cpu"), ops.active_backend(torch.float64, "cpu")
 results["active_backend"] = {"float32": kind[0], "float64": kind[1]}
+
+results["import"] = {"triton_imported_by_strassenkit": IMPORTED_TRITON_AT_IMPORT}
 
 json.dump(results, sys.stdout)
