@@ -54,7 +54,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default 1; 0 = torch default)")
-    parser.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast on CPU")
+    parser.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast (on the training device)")
+    parser.add_argument("--device", default=None, help="training device: cpu, cuda, cuda:1 (default: CUDA if available)")
+    parser.add_argument("--strategy", choices=("ddp", "fsdp"), default=None,
+                        help="multi-process (torchrun): DistributedDataParallel (default) or FSDP2 with sharded checkpoints")
     parser.add_argument("--ckpt-every", type=int, default=None)
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--stl", action="store_true", help="convert all linear layers (except the head) to STLinear")
@@ -120,7 +123,8 @@ def _resolve(args) -> dict:
         cfg["task"] = args.task
     tr = dict(cfg.get("train") or {})
     for opt, key in (("steps", "steps"), ("batch_size", "batch_size"), ("lr", "lr"), ("seed", "seed"),
-                     ("threads", "threads"), ("bf16", "bf16"), ("ckpt_every", "ckpt_every"), ("eval_every", "eval_every")):
+                     ("threads", "threads"), ("bf16", "bf16"), ("ckpt_every", "ckpt_every"), ("eval_every", "eval_every"),
+                     ("device", "device"), ("strategy", "strategy")):
         v = getattr(args, opt)
         if v is not None:
             tr[key] = v
@@ -167,7 +171,7 @@ class ResumeMismatch(ValueError):
 # options that never change the trained parameters: applied on resume
 _SAFE_TRAIN = {"threads": "--threads", "ckpt_every": "--ckpt-every", "eval_every": "--eval-every", "progress": "--no-progress"}
 _TRAIN_FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "lr": "--lr", "seed": "--seed", "bf16": "--bf16",
-                **_SAFE_TRAIN}
+                "device": "--device", "strategy": "--strategy", **_SAFE_TRAIN}
 
 
 def _requested(args) -> list[tuple[str, tuple, object]]:
@@ -263,8 +267,10 @@ def run_config(cfg: dict, out: str, resume: bool = False, results: str | None = 
 
     from ..train import read_state
 
+    from ..train.sharded import latest_sharded
+
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    ck = latest_checkpoint(out) if resume else None
+    ck = (latest_checkpoint(out) or latest_sharded(out)) if resume else None  # FSDP runs: checkpoints_fsdp/
     if ck is not None:
         state = read_state(ck)
         stored = state["config"] if isinstance(state["config"], dict) else {}
@@ -314,10 +320,12 @@ def run_config(cfg: dict, out: str, resume: bool = False, results: str | None = 
             json.dump(full, f, indent=2)
     result = train(model, tr, tcfg, out_dir=out, eval_data=ev, resume=resume, teacher=teacher,
                    extra_config={k: full[k] for k in _KEYS if k != "train"})
-    if rank0:
+    sharded = int(os.environ.get("WORLD_SIZE", "1")) > 1 and tcfg.strategy == "fsdp"
+    if rank0 or sharded:  # an FSDP forward is collective: every rank runs it
         from ..cost import count
 
         rep = count(model, ev[0][:1])
+    if rank0:
         result["macs_per_sample"] = rep.macs
         result["dense_macs_per_sample"] = rep.dense_macs
         result["params"] = sum(p.numel() for p in model.parameters())

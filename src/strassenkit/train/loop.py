@@ -25,8 +25,12 @@
   than PyTorch's default (thread synchronization dominates small ops); run DDP with one process per
   core. Set threads=0 to keep PyTorch's default (large matmuls can profit from more threads).
 - Multi-process: start with ``torchrun --nproc_per_node=2 ...``; the loop sees WORLD_SIZE > 1, joins a
-  process group (NCCL on CUDA, gloo on CPU) and wraps the model in DistributedDataParallel. Only rank 0
-  writes files.
+  process group (NCCL on CUDA, gloo on CPU) and wraps the model in DistributedDataParallel
+  (``strategy="ddp"``, the default; only rank 0 writes files) or shards it with FSDP2's ``fully_shard``
+  (``strategy="fsdp"``): then every rank writes its shards of sharded checkpoints through
+  ``torch.distributed.checkpoint`` under ``out_dir/checkpoints_fsdp`` (resume with the same number of
+  processes: bit-identical), and the full model goes to ``out_dir/model.safetensors`` at the end
+  (see :mod:`strassenkit.train.sharded`). One process ignores the strategy.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ class TrainConfig:
     progress: bool = True
     version: int = 1
     device: str | None = None  # None / "auto": CUDA if available, else CPU; or "cpu", "cuda", "cuda:1", ...
+    strategy: str = "ddp"  # multi-process: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 fully_shard)
 
     def __post_init__(self):
         for name, lo in (("steps", 0), ("batch_size", 1)):
@@ -105,6 +110,8 @@ class TrainConfig:
             raise ValueError("TrainConfig.warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"TrainConfig.strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
         if self.device not in (None, "auto"):
             try:
                 torch.device(self.device)
@@ -430,14 +437,20 @@ def _train(model, data, cfg, out_dir, eval_data, teacher, resume, extra_config, 
     if teacher is not None:
         teacher.to(dev)
     ddp_model = model
+    fsdp = world > 1 and cfg.strategy == "fsdp"
     if world > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():
             dist.init_process_group(_pg_backend(dev))
-        from torch.nn.parallel import DistributedDataParallel
+        if fsdp:
+            from .sharded import shard_model
 
-        ddp_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+            ddp_model = shard_model(model)  # in place: the model's parameters become DTensor shards
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ddp_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     torch.manual_seed(cfg.seed + 7919 * rank)
     groups = param_groups(model, cfg)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -448,9 +461,15 @@ def _train(model, data, cfg, out_dir, eval_data, teacher, resume, extra_config, 
     if out_dir and rank == 0:
         os.makedirs(out_dir, exist_ok=True)
     if resume:
-        ckpt_path = latest_checkpoint(out_dir)
+        if fsdp:
+            from .sharded import latest_sharded, load_sharded
+
+            ckpt_path = latest_sharded(out_dir)
+            load = (lambda path, model, opt: load_sharded(path, model, opt, rank))  # noqa: E731
+        else:
+            ckpt_path, load = latest_checkpoint(out_dir), load_checkpoint
         if ckpt_path is not None:
-            state = load_checkpoint(ckpt_path, model, opt)
+            state = load(ckpt_path, model, opt)
             start = int(state["step"])
             if rank == 0 and metrics_path:
                 _truncate_metrics(metrics_path, start)
@@ -514,8 +533,12 @@ def _train(model, data, cfg, out_dir, eval_data, teacher, resume, extra_config, 
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.grad_clip is not None:
-                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if cfg.grad_clip is not None or fsdp:  # FSDP: the norm over DTensor shards (inf: no clipping)
+                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+                if fsdp:
+                    from .sharded import full_tensor
+
+                    gn = full_tensor(gn)
             else:
                 gn = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
             if not torch.isfinite(gn):
@@ -539,7 +562,12 @@ def _train(model, data, cfg, out_dir, eval_data, teacher, resume, extra_config, 
                 mfile.write(json.dumps(last) + "\n")
                 mfile.flush()
             bar.set_postfix(loss=f"{lval:.4f}")
-            if out_dir and cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != cfg.steps:
+            if out_dir and cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != cfg.steps and fsdp:
+                from .sharded import save_sharded
+
+                ckpt_path = save_sharded(out_dir, done, model, opt, saved_cfg, {"metrics": last}, rank,
+                                         keep=cfg.keep_checkpoints)
+            elif out_dir and cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != cfg.steps:
                 if rank == 0:
                     ckpt_path = save_checkpoint(out_dir, done, model, opt, saved_cfg, {"metrics": last},
                                                 keep=cfg.keep_checkpoints)
@@ -551,7 +579,12 @@ def _train(model, data, cfg, out_dir, eval_data, teacher, resume, extra_config, 
             last.update(evaluate(model, eval_data, cfg, loss_fn, teacher if custom else None))
             if mfile:
                 mfile.write(json.dumps({**last, "final": True}) + "\n")
-        if out_dir and start < cfg.steps and rank == 0:
+        if out_dir and start < cfg.steps and fsdp:
+            from .sharded import save_full_model, save_sharded
+
+            save_sharded(out_dir, cfg.steps, model, opt, saved_cfg, {"metrics": last}, rank, keep=cfg.keep_checkpoints)
+            save_full_model(os.path.join(out_dir, "model.safetensors"), model, rank)
+        elif out_dir and start < cfg.steps and rank == 0:
             save_checkpoint(out_dir, cfg.steps, model, opt, saved_cfg, {"metrics": last}, keep=cfg.keep_checkpoints)
     finally:
         if mfile:
