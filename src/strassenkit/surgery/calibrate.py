@@ -44,7 +44,8 @@ from ..nn.stlinear import STLinear
 from .record import attention_mask_of
 
 __all__ = ["calibrate_", "CalibrationReport", "LayerCalibration", "TileData", "fit_w_hat", "fit_w_hat_reference",
-           "fit_dec", "fit_enc_x", "tile_error"]
+           "fit_dec", "fit_enc_x", "tile_error", "TileStats", "fit_w_hat_stats", "fit_dec_stats", "fit_enc_x_stats",
+           "stats_error"]
 
 
 # ------------------------------------------------------------------ data in tile layout
@@ -67,11 +68,13 @@ class TileData:
 
     @classmethod
     def from_activations(cls, xs: list[torch.Tensor], ys: list[torch.Tensor], n: int, t: int,
-                         masks: list[torch.Tensor | None] | None = None) -> "TileData":
+                         masks: list[torch.Tensor | None] | None = None,
+                         dtype: torch.dtype = torch.float64) -> "TileData":
         """xs: inputs (..., L, K); ys: targets (..., L, N) (2-D inputs are one row per sample).
 
         masks: optional (B, L) real-row masks per input (right padding for n > 1): padding rows are
         zeroed (as the layer's forward does) and excluded from the fit; tiles without real rows are dropped.
+        dtype: of Xt and Yt (float64 by default; :class:`TileStats` streams float32 batches through here).
         """
         Xs, Ys, Vs = [], [], []
         N = None
@@ -87,8 +90,8 @@ class TileData:
             real = None
             if m is not None and tuple(m.shape) == tuple(x.shape[:-1]):
                 real = m.reshape(-1, L).to(device=x.device, dtype=torch.bool)
-            x = x.reshape(-1, L, K).double()
-            y = y.reshape(-1, L, N).double()
+            x = x.reshape(-1, L, K).to(dtype)
+            y = y.reshape(x.shape[0], L, N).to(dtype)
             if real is not None:
                 x = x * real[..., None]
                 y = y * real[..., None]
@@ -161,15 +164,21 @@ def _groups(d: TileData):
         yield int(v), torch.nonzero(d.valid == v).squeeze(1)
 
 
-def _solve(G: torch.Tensor, H: torch.Tensor, ridge: float) -> torch.Tensor:
+def _solve(G: torch.Tensor, H: torch.Tensor, ridge: float, inplace: bool = False) -> torch.Tensor:
+    """(G + ridge * mean(diag G) I)^-1 H by Cholesky; a float32 system that is not numerically positive
+    definite is retried in float64, a singular one gets the minimum-norm least-squares solution.
+    ``inplace`` lets the ridge be added to G itself (saves a copy of a large G)."""
     dim = G.shape[0]
     lam = ridge * float(torch.diagonal(G).mean()) if dim else 0.0
-    A = G + lam * torch.eye(dim, dtype=G.dtype)
-    try:
-        L = torch.linalg.cholesky(A)
+    A = G if inplace else G.clone()
+    A.diagonal().add_(lam)
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0:
         return torch.cholesky_solve(H, L)
-    except RuntimeError:  # singular: minimum-norm least squares
-        return torch.linalg.lstsq(A, H, driver="gelsd").solution
+    del L
+    if A.dtype == torch.float32:
+        return _solve(A.double(), H.double(), 0.0, inplace=True).to(H.dtype)
+    return torch.linalg.lstsq(A, H, driver="gelsd").solution  # singular: minimum-norm least squares
 
 
 def fit_w_hat(d: TileData, enc_x: torch.Tensor, dec: torch.Tensor, ridge: float = 1e-8) -> torch.Tensor:
@@ -272,6 +281,334 @@ def fit_enc_x(d: TileData, dec: torch.Tensor, w_hat: torch.Tensor, ridge: float 
                 Ff = Fm.permute(0, 2, 1, 3).reshape(r * nt, -1)  # ((l,j), (a,b))
                 G += (Ff @ Ff.T) * big(_dtd(dec, d.n, d.t, v, kv))
     return _solve(G, H[:, None], ridge)[:, 0].reshape(r, nt)
+
+
+# ------------------------------------------------------------------ streamed sufficient statistics (fast path)
+_SYRK_BLOCK = 1024
+
+
+def _syrk_(S: torch.Tensor, X: torch.Tensor) -> bool:
+    """S += X^T X; for large S only the upper block triangle is updated (about half the work of a full
+    product; returns True: the lower triangle is then stale until :class:`_Grams` mirrors it)."""
+    d = X.shape[1]
+    if d <= 2 * _SYRK_BLOCK:
+        S.addmm_(X.T, X)
+        return False
+    for i in range(0, d, _SYRK_BLOCK):
+        Xi = X[:, i:i + _SYRK_BLOCK]
+        S[i:i + _SYRK_BLOCK, i:].addmm_(Xi.T, X[:, i:])
+    return True
+
+
+class _Grams(dict):
+    """{v: S_v} whose lower triangles are mirrored from the upper ones on first read after an update."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.stale: set = set()
+
+    def __getitem__(self, v):
+        S = dict.__getitem__(self, v)
+        if v in self.stale:
+            d = S.shape[0]
+            for i in range(0, d, _SYRK_BLOCK):
+                S[i + _SYRK_BLOCK:, i:i + _SYRK_BLOCK] = S[i:i + _SYRK_BLOCK, i + _SYRK_BLOCK:].T
+            self.stale.discard(v)
+        return S
+
+    def items(self):
+        return [(v, self[v]) for v in self.keys()]
+
+    def values(self):
+        return [self[v] for v in self.keys()]
+
+
+@dataclass
+class TileStats:
+    """Sufficient statistics of one layer's calibration data in tile layout, accumulated batch by batch.
+
+    Every least-squares step above needs the data only through three sums, so activations never have to be
+    held (``TileData`` keeps them all):
+
+        S[v][(j,c), (j',c')] = sum over tiles a with v real rows of Xt[a,j,c] Xt[a,j',c']   (j, j' < v*t)
+        C[(j,c), (e,b)]      = sum over all tiles of Xt[a,j,c] Yt[a,e,b]
+        yy                   = ||Y||^2 over real entries
+
+    (indices flattened row-major: (j,c) -> j*Kt + c, (e,b) -> e*Nt + b; rows j >= v*t of a tile with v real
+    rows are zero, so S[v] keeps only the first v*t*Kt indices). ``S`` depends only on the inputs, not on the
+    target, the codec (E_x, D) or the rank: layers that see the same input (query, key, value) share it, and
+    every alternating step or candidate rank reuses it. ``add`` streams one batch in; ``dtype`` float32 (the
+    default of :func:`calibrate_`) halves memory and time, float64 reproduces :class:`TileData` to rounding.
+    """
+
+    n: int
+    t: int
+    Kt: int
+    Nt: int
+    last_cols: int
+    S: dict = field(default_factory=dict)
+    C: torch.Tensor | None = None
+    yy: float = 0.0
+    tiles: dict = field(default_factory=dict)  # v -> number of tiles with v real rows
+    dtype: torch.dtype = torch.float64
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, n: int, t: int, dtype=torch.float64,
+              share_inputs: "TileStats | None" = None) -> "TileStats":
+        """Empty statistics for an (in_features -> out_features) layer with <n,t,t> tiles.
+
+        ``share_inputs``: another layer's statistics over the same inputs; its ``S`` (and tile counts) are
+        shared, and :meth:`add` of this one then accumulates only ``C`` and ``yy`` (pass ``inputs_shared=True``).
+        """
+        Kt, Nt = math.ceil(in_features / t), math.ceil(out_features / t)
+        st = cls(n, t, Kt, Nt, out_features - (Nt - 1) * t, S=_Grams(), dtype=dtype)
+        st.C = torch.zeros(n * t * Kt, n * t * Nt, dtype=dtype)
+        if share_inputs is not None:
+            if (share_inputs.n, share_inputs.t, share_inputs.Kt) != (n, t, Kt):
+                raise ValueError("share_inputs must have the same tile format and input size")
+            st.S, st.tiles = share_inputs.S, share_inputs.tiles
+        return st
+
+    @property
+    def rows(self) -> int:
+        """Real rows seen (sum over tiles of their real rows)."""
+        return sum(v * a for v, a in self.tiles.items())
+
+    def add_tiles(self, d: "TileData", inputs_shared: bool = False) -> None:
+        """Accumulate a :class:`TileData` (one batch) into the sums."""
+        A = d.Xt.shape[0]
+        if A == 0:
+            return
+        nt, Kt, Nt = self.n * self.t, self.Kt, self.Nt
+        X = d.Xt.to(self.dtype).reshape(A, nt * Kt)
+        if d.Yt is not None:
+            Y = d.Yt.to(self.dtype).reshape(A, nt * Nt)
+            self.C.addmm_(X.T, Y)
+            self.yy += float(d.Yt.double().pow(2).sum())
+        if inputs_shared:
+            return
+        if not isinstance(self.S, _Grams):
+            self.S = _Grams(self.S)
+        for v, idx in _groups(d):
+            Xv = X[idx, : v * self.t * Kt] if len(idx) < A else X[:, : v * self.t * Kt]
+            if v not in self.S:
+                dict.__setitem__(self.S, v, torch.zeros(Xv.shape[1], Xv.shape[1], dtype=self.dtype))
+            if _syrk_(dict.__getitem__(self.S, v), Xv):
+                self.S.stale.add(v)
+            self.tiles[v] = self.tiles.get(v, 0) + len(idx)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor | None, mask: torch.Tensor | None = None,
+            inputs_shared: bool = False):
+        """Accumulate one batch: inputs x (..., L, K), targets y (..., L, N), optional (B, L) real-row mask.
+
+        ``y=None`` accumulates the inputs only (S); :meth:`set_dense_target` then derives C and yy for
+        Y = X W^T from S, which is far cheaper than streaming them.
+        """
+        if y is None:
+            y = x.new_zeros(x.shape[:-1] + (0,))
+            self.C = None
+        d = TileData.from_activations([x], [y], self.n, self.t, [mask], dtype=self.dtype)
+        if d.Yt.shape[2] == 0:
+            d.Yt = None
+        self.add_tiles(d, inputs_shared)
+
+    def set_dense_target(self, weight: torch.Tensor) -> "TileStats":
+        """C and yy of the target Y = X W^T (weight (N, K)) from S alone.
+
+        C[(j,c), ((i,k),b)] = sum_{k',c'} S[(j,c), ((i,k'),c')] W[b t + k, c' t + k'] and
+        yy = sum_i tr(Wm^T S_ii Wm) with S_ii the block of tile row i and Wm[(k',c'), (k,b)] = W[b t + k, c' t + k'].
+        """
+        n, t, Kt, Nt = self.n, self.t, self.Kt, self.Nt
+        N, K = weight.shape
+        if math.ceil(K / t) != Kt or math.ceil(N / t) != Nt:
+            raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit statistics with Kt={Kt}, Nt={Nt}")
+        Wp = F.pad(weight.to(self.dtype), (0, Kt * t - K, 0, Nt * t - N))  # (Nt t, Kt t)
+        W4 = Wp.reshape(Nt, t, Kt, t).permute(2, 3, 0, 1)  # [c', k', b, k]
+        C = torch.zeros(n * t, Kt, n, t, Nt, dtype=self.dtype)
+        Wm = W4.permute(1, 0, 3, 2).reshape(t * Kt, t * Nt)  # [(k',c'), (k,b)]
+        ssum = torch.zeros(t * Kt, t * Kt, dtype=self.dtype)
+        for v, S in self.S.items():
+            vt = v * t
+            S5 = S.view(vt, Kt, v, t, Kt)  # [j, c, i, k', c']
+            C[:vt, :, :v] += torch.einsum("jcimC,Cmbk->jcikb", S5, W4)
+            S6 = S.view(v, t, Kt, v, t, Kt)
+            for i in range(v):
+                ssum += S6[i, :, :, i].reshape(t * Kt, t * Kt)
+        self.C = C.reshape(n * t * Kt, n * t * Nt)
+        self.yy = float((Wm.double() * (ssum @ Wm).double()).sum())
+        return self
+
+    @classmethod
+    def from_tiledata(cls, d: "TileData", dtype=torch.float64) -> "TileStats":
+        st = cls.empty(d.Xt.shape[2] * d.t, (d.Yt.shape[2] - 1) * d.t + d.last_cols, d.n, d.t, dtype)
+        st.add_tiles(d)
+        return st
+
+    def copy_for_target(self) -> "TileStats":
+        """Empty target sums (C, yy) over the same inputs (S shared): for another layer reading this input."""
+        st = TileStats(self.n, self.t, self.Kt, self.Nt, self.last_cols, self.S, torch.zeros_like(self.C), 0.0,
+                       self.tiles, self.dtype)
+        return st
+
+
+def _ddtd(dec, n, t, v, kv, dtype):
+    return _dtd(dec.to(dtype), n, t, v, kv)
+
+
+def _stats_col_groups(st: TileStats):
+    """[(column-block slice, real columns per tile)] as TileData.col_blocks."""
+    if st.last_cols == st.t:
+        return [(slice(0, st.Nt), st.t)]
+    out = [(slice(0, st.Nt - 1), st.t)] if st.Nt > 1 else []
+    return out + [(slice(st.Nt - 1, st.Nt), st.last_cols)]
+
+
+def _m_v(st: TileStats, v: int, enc_x: torch.Tensor) -> torch.Tensor:
+    """M_v[(l,c), (l',c')] = sum over tiles with v real rows of x_hat[l,a,c] x_hat[l',a,c'], shape (r*Kt, r*Kt)."""
+    r, Kt, vt = enc_x.shape[0], st.Kt, v * st.t
+    Ev = enc_x[:, :vt].to(st.dtype)
+    T = (Ev @ st.S[v].view(vt, Kt * vt * Kt)).view(r * Kt, vt, Kt)  # [(l,c), J, C]
+    return torch.matmul(Ev, T).view(r * Kt, r * Kt)  # [(l,c), L, C] -> [(l,c), (L,C)]
+
+
+def _cross(st: TileStats, enc_x: torch.Tensor) -> torch.Tensor:
+    """T2[l, c, e, b] = sum_j E_x[l, j] C[(j,c), (e,b)], shape (r, Kt, n*t, Nt)."""
+    r, nt = enc_x.shape[0], st.n * st.t
+    return (enc_x.to(st.dtype) @ st.C.view(nt, st.Kt * nt * st.Nt)).view(r, st.Kt, nt, st.Nt)
+
+
+def _w_normal(st: TileStats, enc_x, dec):
+    """Normal equations of the w_hat step: ([(G, column slice)] per column group, H (r*Kt, Nt)).
+
+    G[(l,c),(l',c')] = sum_v DtD_v[l,l'] sum_{j,j'} E[l,j] E[l',j'] S_v[(j,c),(j',c')], built row block by
+    row block: G[l] = sum_v (DtD_v[l,:,None] * E_v) @ (E_v[l] S_v), so no (r*Kt)^2 temporary is formed.
+    """
+    r, Kt, t = enc_x.shape[0], st.Kt, st.t
+    E = enc_x.to(st.dtype)
+    groups = _stats_col_groups(st)
+    Gs = [torch.zeros(r * Kt, r * Kt, dtype=st.dtype) for _ in groups]
+    views = [G.view(r, Kt, r, Kt) for G in Gs]
+    chunk = max(1, min(r, 8))
+    for v in sorted(st.S):
+        vt = v * t
+        Ev = E[:, :vt]
+        Sv = st.S[v].view(vt, Kt * vt * Kt)
+        dtds = [_ddtd(dec, st.n, t, v, kv, st.dtype) for _, kv in groups]
+        for l0 in range(0, r, chunk):
+            ls = range(l0, min(r, l0 + chunk))
+            T = (Ev[l0:ls.stop] @ Sv).view(len(ls), Kt, vt, Kt)  # T[l, c, J, C] = sum_j E[l,j] S[(j,c),(J,C)]
+            for k, l in enumerate(ls):
+                for Gv, dtd in zip(views, dtds):
+                    El = dtd[l][:, None] * Ev  # (r, vt): DtD_v[l, L] E[L, J]
+                    Gv[l] += torch.matmul(El, T[k])  # (Kt, r, Kt): [c, L, C]
+    H = torch.einsum("el,lceb->lcb", dec.to(st.dtype), _cross(st, enc_x)).reshape(r * Kt, st.Nt)
+    return [(G, cols) for G, (cols, _) in zip(Gs, groups)], H
+
+
+def _solve_dtype(G, H, ridge, dtype, keep=False):
+    """Solve with ridge; ``keep`` restores G's diagonal afterwards (G stays usable, e.g. for errors)."""
+    if dtype is not None and dtype != G.dtype:
+        return _solve(G.to(dtype), H.to(dtype), ridge, inplace=True)
+    if not keep:
+        return _solve(G, H, ridge, inplace=True)
+    diag = G.diagonal().clone()
+    try:
+        return _solve(G, H, ridge, inplace=True)
+    finally:
+        G.diagonal().copy_(diag)
+
+
+def _normal_error(st: TileStats, Gs, H, w_hat) -> tuple[float, float]:
+    """(relative error, SQNR dB) of w_hat from the normal equations it was fitted with."""
+    w = w_hat.to(st.dtype).reshape(-1, st.Nt)
+    quad = sum(float((w[:, cols].double() * (G @ w[:, cols]).double()).sum()) for G, cols in Gs)
+    num = max(st.yy - 2 * float((w.double() * H.double()).sum()) + quad, 0.0)
+    den = st.yy
+    rel = math.sqrt(num / den) if den > 0 else float("nan")
+    sqnr = 10 * math.log10(den / num) if num > 0 else float("inf")
+    return rel, sqnr
+
+
+def fit_w_hat_stats(st: TileStats, enc_x: torch.Tensor, dec: torch.Tensor, ridge: float = 1e-8,
+                    solve_dtype: torch.dtype | None = None, w_old: torch.Tensor | None = None,
+                    errors: list | None = None) -> torch.Tensor:
+    """:func:`fit_w_hat` from streamed statistics: one Cholesky solve per column group (all Nt right-hand sides).
+
+    With ``errors`` (a list), the relative error of ``w_old`` (if given) and of the result are appended,
+    computed from the same normal equations (no second pass).
+    """
+    r, Kt = enc_x.shape[0], st.Kt
+    Gs, H = _w_normal(st, enc_x, dec)
+    if errors is not None and w_old is not None:
+        errors.append(_normal_error(st, Gs, H, w_old))
+    out = torch.empty(r * Kt, st.Nt, dtype=st.dtype)
+    for G, cols in Gs:
+        out[:, cols] = _solve_dtype(G, H[:, cols], ridge, solve_dtype, keep=errors is not None).to(st.dtype)
+    out = out.reshape(r, Kt, st.Nt)
+    if errors is not None:
+        errors.append(_normal_error(st, Gs, H, out))
+    return out
+
+
+def stats_error(st: TileStats, enc_x, w_hat, dec) -> tuple[float, float]:
+    """(relative error, SQNR dB) from the statistics: ||Y - Yhat||^2 = yy - 2 <w, H> + sum_b w_b^T G w_b.
+
+    Float32 statistics give the error to about 1e-3 relative (cancellation); use float64 for smaller errors.
+    """
+    Gs, H = _w_normal(st, enc_x, dec)
+    return _normal_error(st, Gs, H, w_hat)
+
+
+def fit_dec_stats(st: TileStats, enc_x: torch.Tensor, w_hat: torch.Tensor, ridge: float = 1e-8,
+                  solve_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """:func:`fit_dec` from statistics: per output row i of the tile, an r x r solve from M_v and w_hat w_hat^T."""
+    r, Kt, Nt, t, n = enc_x.shape[0], st.Kt, st.Nt, st.t, st.n
+    w = w_hat.to(st.dtype)
+    # column groups: k < last_cols uses every column block, k >= last_cols all but the last
+    kgroups = [(slice(0, st.last_cols), slice(0, Nt)), (slice(st.last_cols, t), slice(0, Nt - 1))]
+    kgroups = [(ks, bs) for ks, bs in kgroups if ks.stop > ks.start and bs.stop > bs.start]
+    WW = []
+    for _, bs in kgroups:
+        wf = w[:, :, bs].reshape(r * Kt, -1)
+        WW.append((wf @ wf.T).view(r, Kt, r, Kt))
+    # GD[g][v][l, l'] = sum_{c,c'} M_v[l,c,l',c'] WW_g[l,c,l',c']
+    GD = [{} for _ in kgroups]
+    for v in sorted(st.S):
+        M = _m_v(st, v, enc_x).view(r, Kt, r, Kt)
+        for g, W2 in enumerate(WW):
+            GD[g][v] = torch.stack([(M[l] * W2[l]).sum((0, 2)) for l in range(r)])
+        del M
+    T2 = _cross(st, enc_x)  # (r, Kt, e, Nt)
+    dec_out = torch.zeros(n * t, r, dtype=st.dtype)
+    for g, (ks, bs) in enumerate(kgroups):
+        HD = torch.einsum("lceb,lcb->el", T2[..., bs], w[:, :, bs])  # (n*t, r)
+        for i in range(n):
+            vs = [v for v in GD[g] if v > i]
+            if not vs:
+                continue
+            G = sum(GD[g][v] for v in vs)
+            rows = slice(i * t + ks.start, i * t + ks.stop)
+            dec_out[rows] = _solve_dtype(G, HD[rows].T, ridge, solve_dtype).T.to(st.dtype)
+    return dec_out
+
+
+def fit_enc_x_stats(st: TileStats, dec: torch.Tensor, w_hat: torch.Tensor, ridge: float = 1e-8,
+                    solve_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """:func:`fit_enc_x` ("gram" method) from statistics."""
+    r, Kt, nt = w_hat.shape[0], st.Kt, st.n * st.t
+    w = w_hat.to(st.dtype)
+    G = torch.zeros(r, nt, r, nt, dtype=st.dtype)
+    for cols, kv in _stats_col_groups(st):
+        wc = w[:, :, cols].reshape(r * Kt, -1)
+        WW = (wc @ wc.T).view(r, Kt, r, Kt)
+        for v in sorted(st.S):
+            vt = v * st.t
+            Sv = st.S[v].view(vt, Kt, vt, Kt)
+            blk = torch.einsum("lcLC,jcJC->ljLJ", WW, Sv)  # (r, vt, r, vt)
+            G[:, :vt, :, :vt] += blk * _ddtd(dec, st.n, st.t, v, kv, st.dtype)[:, None, :, None]
+    U = torch.einsum("el,jceb->ljcb", dec.to(st.dtype), st.C.view(nt, Kt, nt, st.Nt))  # (r, nt, Kt, Nt)
+    H = torch.einsum("ljcb,lcb->lj", U, w).reshape(-1)
+    return _solve_dtype(G.reshape(r * nt, r * nt), H[:, None], ridge, solve_dtype)[:, 0].reshape(r, nt).to(st.dtype)
 
 
 # ------------------------------------------------------------------ report
@@ -448,6 +785,341 @@ def _as_list(batches, what):
     return out
 
 
+# ------------------------------------------------------------------ streamed driver
+def _same_input(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+                      and a.dtype == b.dtype)
+
+
+def _execution_groups(model, stl: list[tuple[str, STLinear]], batch) -> list[list[tuple[str, STLinear]]]:
+    """The layers in the order one forward pass calls them; consecutive layers that receive the very same
+    input tensor with the same tile format (query, key, value) form one group (they share S). Layers the
+    pass never calls follow in module order."""
+    mods = {id(m): (n, m) for n, m in stl}
+    order: list[tuple[str, torch.Tensor]] = []
+    handles = []
+
+    def hook(module, args, kwargs=None):
+        if args and isinstance(args[0], torch.Tensor):
+            order.append((mods[id(module)][0], args[0]))
+
+    for _, m in stl:
+        handles.append(m.register_forward_pre_hook(hook))
+    try:
+        args, kwargs = _as_call(batch)
+        with torch.no_grad(), row_mask(attention_mask_of(model, args, kwargs)):
+            model(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - the streaming pass reports bad batches with the layer's name
+        return [[(n, m)] for n, m in stl]
+    finally:
+        for h in handles:
+            h.remove()
+    by_name = dict(stl)
+    groups: list[list[tuple[str, STLinear]]] = []
+    seen: set[str] = set()
+    prev = None
+    for name, x in order:
+        if name in seen:  # called twice (shared module): its first call decides
+            continue
+        seen.add(name)
+        layer = by_name[name]
+        if (prev is not None and groups and _same_input(prev[1], x)
+                and getattr(by_name[prev[0]], "format", None) == getattr(layer, "format", None)
+                and getattr(by_name[prev[0]], "in_features", None) == getattr(layer, "in_features", None)):
+            groups[-1].append((name, layer))
+        else:
+            groups.append([(name, layer)])
+        prev = (name, x)
+    groups += [[(n, m)] for n, m in stl if n not in seen]
+    return groups
+
+
+class _GroupMismatch(Exception):
+    pass
+
+
+class _Calls:
+    """Zero-argument forward calls, one per batch (``batches``: the batch objects, for error messages).
+
+    ``of_model``: the whole model on each batch, under the batch's attention mask as row mask. A
+    :class:`_BlockCache` gives calls of one block on cached inputs instead (``ref_calls``: the same for
+    the reference model).
+    """
+
+    def __init__(self, calls, batches, ref_calls=None):
+        self.calls, self.batches, self.ref_calls = calls, batches, ref_calls
+
+    @classmethod
+    def of_model(cls, model, batches, mask: bool = True) -> "_Calls":
+        def make(b):
+            args, kwargs = _as_call(b)
+
+            def call():
+                with row_mask(attention_mask_of(model, args, kwargs) if mask else None):
+                    model(*args, **kwargs)
+
+            return call
+
+        return cls([make(b) for b in batches], list(batches))
+
+
+def _find_blocks(model: nn.Module, names: list[str]):
+    """(name, ModuleList) of the repeated blocks that hold every layer in ``names``, or None."""
+    best = None
+    for n, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 1 and n:
+            if all(x.startswith(n + ".") for x in names):
+                if best is None or len(n) > len(best[0]):
+                    best = (n, m)
+    return best
+
+
+def _capture_block_inputs(model, block, batches, mask=True):
+    """The (args, kwargs) each batch gives ``block`` in a forward pass of ``model`` (cut right there)."""
+    got = []
+
+    def hook(module, args, kwargs):
+        got.append((args, kwargs))
+        raise _Stop
+
+    h = block.register_forward_pre_hook(hook, with_kwargs=True)
+    out = []
+    try:
+        with torch.no_grad():
+            for i, b in enumerate(batches):
+                args, kwargs = _as_call(b)
+                got.clear()
+                try:
+                    with row_mask(attention_mask_of(model, args, kwargs) if mask else None):
+                        model(*args, **kwargs)
+                except _Stop:
+                    pass
+                except Exception as e:
+                    raise _batch_error(e, i, b) from e
+                if not got:
+                    return None
+                a, k = got[0]
+                rm = attention_mask_of(model, args, kwargs) if mask else None
+                out.append([a, k, rm])
+    finally:
+        h.remove()
+    return out
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape:
+            return False
+        if a.is_floating_point():
+            return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5))
+        return bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b) or a is b
+    except Exception:  # noqa: BLE001
+        return False
+
+
+class _BlockCache:
+    """Inputs of one block of repeated blocks (``model.<name>[i]``) for every batch, advanced block by block.
+
+    Calibrating the layers of block i then runs only block i on its cached inputs instead of the whole
+    model up to it (the usual GPTQ-style trick). ``advance`` runs block i on every cached input and takes
+    its first output as the next block's input (keyword arguments are reused); it checks that on the first
+    batch against a real forward pass of the model and returns False if they differ (then the caller falls
+    back to whole-model passes).
+    """
+
+    def __init__(self, model, blocks, batches, reference=None, ref_blocks=None):
+        self.model, self.blocks, self.batches = model, blocks, list(batches)
+        self.reference, self.ref_blocks = reference, ref_blocks
+        self.index = 0
+        self.inputs = _capture_block_inputs(model, blocks[0], self.batches)
+        self.ref_inputs = (_capture_block_inputs(reference, ref_blocks[0], self.batches, mask=False)
+                           if reference is not None else None)
+        self.ok = self.inputs is not None and (reference is None or self.ref_inputs is not None)
+
+    def calls(self) -> _Calls:
+        def make(block, a, k, m):
+            def call():
+                with row_mask(m):
+                    block(*a, **k)
+
+            return call
+
+        blk = self.blocks[self.index]
+        calls = [make(blk, a, k, m) for a, k, m in self.inputs]
+        ref = None
+        if self.ref_inputs is not None:
+            rblk = self.ref_blocks[self.index]
+            ref = _Calls([make(rblk, a, k, None) for a, k, _ in self.ref_inputs], self.batches)
+        return _Calls(calls, self.batches, ref)
+
+    @staticmethod
+    def _advance(block, inputs, mask=True):
+        with torch.no_grad():
+            for item in inputs:
+                a, k, m = item
+                with row_mask(m if mask else None):
+                    out = block(*a, **k)
+                h = out[0] if isinstance(out, (tuple, list)) else out
+                if a:
+                    item[0] = (h,) + tuple(a[1:])
+                else:
+                    key = next(iter(k))
+                    item[1] = {**k, key: h}
+
+    def advance(self) -> bool:
+        i = self.index
+        if i + 1 >= len(self.blocks):
+            self.index += 1
+            return True
+        self._advance(self.blocks[i], self.inputs)
+        if self.ref_inputs is not None:
+            self._advance(self.ref_blocks[i], self.ref_inputs, mask=False)
+        self.index += 1
+        real = _capture_block_inputs(self.model, self.blocks[i + 1], self.batches[:1])
+        a, k, _ = self.inputs[0]
+        if real is None or not (_same_value(real[0][0], a) and _same_value(real[0][1], k)):
+            return False
+        if self.ref_inputs is not None:
+            rreal = _capture_block_inputs(self.reference, self.ref_blocks[i + 1], self.batches[:1], mask=False)
+            ra, rk, _ = self.ref_inputs[0]
+            if rreal is None or not (_same_value(rreal[0][0], ra) and _same_value(rreal[0][1], rk)):
+                return False
+        return True
+
+
+def _stream_stats(model, groups, batches, weights, dtype, what, reference=None, target="dense",
+                  stop=True) -> dict[str, TileStats]:
+    """One pass over ``batches``: the statistics of every layer of ``groups`` (each group shares one S).
+
+    target "dense": Y = X W^T on the inputs X each layer receives in ``model``; "reference": Y is the output
+    (minus bias) of the same-named module of ``reference`` on the same batch (the dense model's own
+    activations), so errors of earlier converted layers are corrected instead of inherited. With ``stop``
+    the forward pass is cut after the last layer of the last group (execution order).
+    """
+    layers = {n: m for g in groups for n, m in g}
+    names = [n for g in groups for n, _ in g]
+    lead_of = {n: g[0][0] for g in groups for n, _ in g}
+    stats: dict[str, TileStats] = {}
+    for g in groups:
+        lead = g[0][0]
+        L = layers[lead]
+        stats[lead] = TileStats.empty(L.in_features, L.out_features, L.row_tile, L.tile, dtype)
+        for n, m in g[1:]:
+            stats[n] = TileStats.empty(m.in_features, m.out_features, m.row_tile, m.tile, dtype,
+                                       share_inputs=stats[lead])
+    Wd = {n: weights[n].to(dtype) for n in names}
+    ref_out: dict[str, torch.Tensor] = {}
+    state = {"batch": 0, "x": {}, "nonzero": {g[0][0]: False for g in groups}}
+    mods = dict(model.named_modules())
+    last = names[-1]
+
+    def pre(name):
+        lead = lead_of[name]
+
+        def hook(module, args, kwargs=None):
+            x = args[0] if args else next(iter(kwargs.values()))
+            i = state["batch"]
+            if name == lead:
+                state["x"][lead] = x
+                _check_input(name, layers[name], x, what, i)
+                state["nonzero"][lead] = state["nonzero"][lead] or bool(x.any())
+            elif lead not in state["x"] or not _same_input(state["x"][lead], x):
+                raise _GroupMismatch(name)
+            rm = current_row_mask()
+            m = rm.mask.cpu() if rm is not None and rm.matches(x) else None
+            xc = x.detach().to("cpu", dtype)
+            if target == "reference":
+                y = ref_out.pop(name, None)
+                if y is None or y.shape[:-1] != x.shape[:-1]:
+                    raise _InputError(f"calibrate_(target='reference'): the reference module {name!r} gave no output "
+                                      f"of matching shape for {what} {i}; the reference must be the dense model the "
+                                      f"converted one was made from")
+            else:
+                y = None  # C and yy follow from S (set_dense_target below)
+            if y is not None or name == lead:
+                stats[name].add(xc, y, m, inputs_shared=name != lead)
+            if stop and name == last:
+                raise _Stop
+
+        return hook
+
+    handles = [mods[n].register_forward_pre_hook(pre(n)) for n in names]
+    ref_handles = []
+    if target == "reference":
+        rmods = dict(reference.named_modules())
+
+        def post(name):
+            def hook(module, args, output):
+                out = output[0] if isinstance(output, tuple) else output
+                b = getattr(module, "bias", None)
+                out = out.detach().to("cpu", dtype)
+                ref_out[name] = out - b.detach().to("cpu", dtype) if b is not None else out
+                if stop and name == last:
+                    raise _Stop
+
+            return hook
+
+        for n in names:
+            if n not in rmods:
+                raise KeyError(f"calibrate_: reference model has no module {n!r}")
+            ref_handles.append(rmods[n].register_forward_hook(post(n)))
+    runs = batches if isinstance(batches, _Calls) else _Calls.of_model(model, batches)
+    ref_runs = None
+    if target == "reference":
+        ref_runs = batches.ref_calls if isinstance(batches, _Calls) else _Calls.of_model(reference, batches, mask=False)
+    try:
+        with torch.no_grad():
+            for i, call in enumerate(runs.calls):
+                state["batch"] = i
+                state["x"] = {}
+                if ref_runs is not None:
+                    try:
+                        ref_runs.calls[i]()
+                    except _Stop:
+                        pass
+                    except Exception as e:
+                        raise _batch_error(e, i, runs.batches[i]) from e
+                try:
+                    call()
+                except (_Stop,):
+                    pass
+                except (_GroupMismatch, _InputError):
+                    raise
+                except Exception as e:
+                    raise _batch_error(e, i, runs.batches[i]) from e
+    finally:
+        for h in handles + ref_handles:
+            h.remove()
+    for lead, nz in state["nonzero"].items():
+        if not nz:
+            raise ValueError(f"calibrate_: layer {lead!r} received only zero inputs from all {what}es, so there is "
+                             f"nothing to fit (the least-squares fit would set w_hat to 0); pass batches of real data")
+    if target != "reference":
+        for n in names:
+            stats[n].set_dense_target(Wd[n])
+    return stats
+
+
+class _InputError(ValueError):
+    """A bad calibration input (raised from inside a forward pass; not rewrapped as a model failure)."""
+
+
+def _check_input(name: str, layer: STLinear, x: torch.Tensor, what: str, i: int) -> None:
+    if x.shape[-1] != layer.in_features:
+        raise _InputError(f"calibrate_: layer {name!r} expects inputs with {layer.in_features} features but got shape "
+                         f"{tuple(x.shape)} from {what} {i}; pass batches the model accepts (the model's inputs, "
+                         f"not this layer's)")
+    if not torch.isfinite(x).all():
+        raise _InputError(f"calibrate_: layer {name!r} received NaN or infinite inputs from {what} {i} (shape "
+                          f"{tuple(x.shape)}); clean the batches (or the earlier layers that produce them)")
+
+
 def calibrate_(
     model: nn.Module,
     batches,
@@ -459,26 +1131,42 @@ def calibrate_(
     ridge: float = 1e-6,
     heldout=None,
     progress: bool = True,
+    target: str = "dense",
+    dtype="auto",
+    method: str = "stats",
 ) -> CalibrationReport:
     """Fit the STLinear layers of ``model`` to real activations, in place; returns a report.
 
     Args:
         model: a model converted by :func:`strassenify_` (or any model holding STLinear layers).
-        batches: a few batches of model inputs (tensor -> model(t), tuple -> model(*t), dict -> model(**t)).
+        batches: batches of model inputs (tensor -> model(t), tuple -> model(*t), dict -> model(**t); a
+            dict's ``attention_mask`` marks padding rows, which are not fitted). Any number: they are
+            streamed, never held.
         reference: the dense model before conversion; its nn.Linear weights (matched by module name)
             define the targets. Without it each layer uses its ``dense_weight`` buffer.
         alternate: extra rounds of (D-step, E_x-step, w_hat-step) after the first w_hat fit
             (``fit_enc=False`` keeps E_x fixed and alternates D and w_hat only).
-        sequential: fit layers one by one in module order, each on the inputs it sees in the
-            converted model after the earlier layers were calibrated (default). ``False`` records all
-            layers in one pass (from ``reference`` if given, else from the converted model).
+        sequential: fit layers one by one in the order the forward pass calls them, each on the inputs it
+            sees in the converted model after the earlier layers were calibrated (default). ``False``
+            records all layers in one pass (from ``reference`` if given, else from the converted model).
         layers: restrict to these STLinear module names.
         ridge: Tikhonov term relative to the mean diagonal of each normal-equation matrix.
         heldout: optional batches (not used for fitting) on which the error is also reported.
+        target: "dense": fit X W^T on the layer's own inputs X (W: the dense weight). "reference": fit the
+            output of the same module of ``reference`` on the reference's own activations (minus its bias),
+            so each layer also corrects the error that earlier converted layers left in X.
+        dtype: of the streamed statistics: torch.float32, torch.float64, or "auto" (float64 when a
+            layer's input Gram S is at most 512 x 512, i.e. K <= 128 at t=4; float32 above, where S and the
+            solves are the cost). Float32 systems that are not numerically positive definite are solved again
+            in float64.
+        method: "stats" (default): stream the normal equations batch by batch (:class:`TileStats`);
+            layers that receive the same input (query, key, value) share one input Gram. "data": the
+            reference path that holds every activation (:class:`TileData`), float64.
 
-    The objective per layer is ||X W^T - STL(X, w_hat)||_F over the real rows of the recorded inputs
-    X. Reported per layer: relative error ||.||/||X W^T|| and SQNR = 20 log10(1/rel.err) dB, before
-    and after.
+    The objective per layer is ||Y - STL(X, w_hat)||_F over the real rows of the recorded inputs X
+    (Y = X W^T, or the reference's outputs). Reported per layer: relative error ||.||/||Y|| and
+    SQNR = 20 log10(1/rel.err) dB, before and after (from the float64 or float32 statistics: float32
+    errors are accurate to about 1e-3 relative).
     """
     check_int("alternate", alternate, lo=0)
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not (math.isfinite(ridge) and ridge >= 0):
@@ -501,6 +1189,29 @@ def calibrate_(
     model.eval()
     if reference is not None:
         reference.eval()
+    if target not in ("dense", "reference"):
+        raise ValueError(f"target must be 'dense' or 'reference', got {target!r}")
+    if target == "reference" and reference is None:
+        raise ValueError("calibrate_(target='reference') needs reference=<the dense model before conversion>")
+    if method not in ("stats", "data"):
+        raise ValueError(f"method must be 'stats' or 'data', got {method!r}")
+    if dtype not in ("auto", torch.float32, torch.float64):
+        raise ValueError(f"dtype must be 'auto', torch.float32 or torch.float64, got {dtype!r}")
+    if method == "data":
+        if target != "dense":
+            raise ValueError("method='data' supports target='dense' only")
+        return _calibrate_data(model, stl, batches, weights, reference, alternate, sequential, fit_enc, ridge,
+                               heldout, progress, was_training)
+    try:
+        return _calibrate_stats(model, stl, batches, weights, reference, alternate, sequential, fit_enc, ridge,
+                                heldout, progress, target, dtype)
+    finally:
+        model.train(was_training)
+
+
+def _calibrate_data(model, stl, batches, weights, reference, alternate, sequential, fit_enc, ridge, heldout,
+                    progress, was_training) -> CalibrationReport:
+    """The reference driver: records every activation of a layer (float64) and fits with :class:`TileData`."""
     pre = None
     if not sequential:
         src = reference if reference is not None else model
@@ -562,4 +1273,156 @@ def calibrate_(
             bar.set_postfix(layer=name, err=f"{rel0:.3f}->{rel1:.3f}")
     finally:
         model.train(was_training)
+    return CalibrationReport(results)
+
+
+def _auto_dtype(layer: STLinear, dtype):
+    if dtype != "auto":
+        return dtype
+    return torch.float64 if layer.row_tile * layer.tile * math.ceil(layer.in_features / layer.tile) <= 512 else torch.float32
+
+
+def _stats_for(model, groups, batches, weights, dtype, what, reference, target, stop=True):
+    """Statistics of every layer of ``groups`` (one pass); a group whose members turn out to read different
+    inputs is split into single layers and streamed again."""
+    try:
+        return _stream_stats(model, groups, batches, weights, dtype, what, reference, target, stop)
+    except _GroupMismatch:
+        singles = [[m] for g in groups for m in g]
+        return _stream_stats(model, singles, batches, weights, dtype, what, reference, target, stop)
+
+
+def _fit_layer(name, layer, st, hst, alternate, fit_enc, ridge):
+    """Fit one layer from its statistics; returns (LayerCalibration, (enc_x, w_hat, dec)).
+
+    Each w_hat step also gives the error before it (of the previous factors) from the same normal equations,
+    so the history costs no extra pass: ("w_hat", err) after each w_hat step, ("dec+enc_x", err) after the
+    D and E_x steps of a round (err of the new D, E_x with the previous w_hat).
+    """
+    dt = st.dtype
+    enc_x, dec, w_hat = (p.detach().cpu().to(dt) for p in (layer.enc_x, layer.dec, layer.w_hat))
+    hb = stats_error(hst, enc_x, w_hat, dec)[0] if hst is not None else None
+    errs: list = []
+    w_hat = fit_w_hat_stats(st, enc_x, dec, ridge, w_old=w_hat, errors=errs)
+    (rel0, sq0), (rel1, sq1) = errs
+    hist = [("w_hat", rel1)]
+    for _ in range(alternate):
+        dec = fit_dec_stats(st, enc_x, w_hat, ridge)
+        if fit_enc:
+            enc_x = fit_enc_x_stats(st, dec, w_hat, ridge)
+        errs = []
+        w_hat = fit_w_hat_stats(st, enc_x, dec, ridge, w_old=w_hat, errors=errs)
+        hist += [("dec+enc_x" if fit_enc else "dec", errs[0][0]), ("w_hat", errs[1][0])]
+        rel1, sq1 = errs[1]
+    ha = stats_error(hst, enc_x, w_hat, dec)[0] if hst is not None else None
+    rows = st.rows
+    equations, unknowns = rows * layer.tile, layer.rank * st.Kt
+    rep = LayerCalibration(name, f"{layer.in_features}->{layer.out_features}", layer.format, layer.rank, rows,
+                           rel0, sq0, rel1, sq1, hist, hb, ha, equations, unknowns)
+    return rep, (enc_x, w_hat, dec)
+
+
+def _warn_underdetermined(name, layer, st, ridge):
+    rows = st.rows
+    equations, unknowns = rows * layer.tile, layer.rank * st.Kt
+    if equations < unknowns:
+        warnings.warn(
+            f"calibrate_: {name} is underdetermined: {rows} real rows give {equations} equations "
+            f"per output column block for {unknowns} unknowns of w_hat, so the fit can match these batches "
+            f"exactly and generalise badly. Pass more batches (>= {math.ceil(unknowns / layer.tile)} real "
+            f"rows), a larger ridge= (now {ridge:g}; e.g. 1e-2), and heldout= batches to see the error on unseen data",
+            stacklevel=4)
+
+
+class _Caches:
+    """The block caches of the calibration (and heldout) batches; ``seek(name)`` advances them to the block
+    holding layer ``name`` (None when a check failed: the caller then runs whole-model passes)."""
+
+    def __init__(self, prefix, cal, held):
+        self.prefix, self.cal, self.held = prefix, cal, held
+
+    def block_of(self, name: str) -> int:
+        return int(name[len(self.prefix) + 1:].split(".", 1)[0])
+
+    def seek(self, name: str):
+        bi = self.block_of(name)
+        while self.cal.index < bi:
+            ok = self.cal.advance()
+            if self.held is not None:
+                ok = self.held.advance() and ok
+            if not ok:
+                return None
+        return self
+
+    def calls(self):
+        return self.cal.calls(), (self.held.calls() if self.held is not None else None)
+
+
+def _block_caches(model, stl, groups, batches, heldout, reference, target):
+    """Block caches when every STL layer sits in one list of repeated blocks (transformer layers), else None."""
+    found = _find_blocks(model, [n for n, _ in stl])
+    if found is None:
+        return None
+    prefix, blocks = found
+    ref_blocks = None
+    if target == "reference":
+        try:
+            ref_blocks = reference.get_submodule(prefix)
+        except AttributeError:
+            return None
+        if not isinstance(ref_blocks, nn.ModuleList) or len(ref_blocks) != len(blocks):
+            return None
+    ref = reference if target == "reference" else None
+    cal = _BlockCache(model, blocks, batches, ref, ref_blocks)
+    held = _BlockCache(model, blocks, heldout, ref, ref_blocks) if heldout is not None else None
+    if not cal.ok or (held is not None and not held.ok):
+        return None
+    caches = _Caches(prefix, cal, held)
+    order = [caches.block_of(g[0][0]) for g in groups]
+    if order != sorted(order):  # groups must visit the blocks in order
+        return None
+    return caches
+
+
+def _calibrate_stats(model, stl, batches, weights, reference, alternate, sequential, fit_enc, ridge, heldout,
+                     progress, target, dtype) -> CalibrationReport:
+    src = model if sequential else (reference if reference is not None else model)
+    groups = _execution_groups(model, stl, batches[0])  # same module names in the reference
+    dtypes = {n: _auto_dtype(m, dtype) for n, m in stl}  # equal within a group (same format and input size)
+    pre = pre_h = None
+    if not sequential:
+        pre, pre_h = {}, {}
+        for dt in sorted({dtypes[g[0][0]] for g in groups}, key=str):
+            gs = [g for g in groups if dtypes[g[0][0]] == dt]
+            pre.update(_stats_for(src, gs, batches, weights, dt, "batch", reference, target))
+            if heldout is not None:
+                pre_h.update(_stats_for(src, gs, heldout, weights, dt, "heldout batch", reference, target))
+    caches = _block_caches(model, stl, groups, batches, heldout, reference, target) if sequential else None
+    results = []
+    bar = tqdm(groups, desc="calibrate", disable=not progress, leave=False)
+    for group in bar:
+        dt = dtypes[group[0][0]]
+        if pre is not None:
+            stats = {n: pre[n] for n, _ in group}
+            hstats = {n: pre_h.get(n) for n, _ in group} if heldout is not None else {}
+        else:
+            src, hsrc = batches, heldout
+            if caches is not None:
+                caches = caches.seek(group[0][0])
+                if caches is not None:
+                    src, hsrc = caches.calls()
+            stats = _stats_for(model, [group], src, weights, dt, "batch", reference, target)
+            hstats = (_stats_for(model, [group], hsrc, weights, dt, "heldout batch", reference, target)
+                      if heldout is not None else {})
+        for name, layer in group:
+            _warn_underdetermined(name, layer, stats[name], ridge)
+            rep, (enc_x, w_hat, dec) = _fit_layer(name, layer, stats[name], hstats.get(name), alternate, fit_enc, ridge)
+            with torch.no_grad():
+                layer.w_hat.copy_(w_hat.to(layer.w_hat))
+                layer.dec.copy_(dec.to(layer.dec))
+                layer.enc_x.copy_(enc_x.to(layer.enc_x))
+            results.append(rep)
+            bar.set_postfix(layer=name, err=f"{rep.rel_err_before:.3f}->{rep.rel_err_after:.3f}")
+    order = {n: i for i, (n, _) in enumerate(stl)}
+    results.sort(key=lambda c: order[c.name])  # report in module order
     return CalibrationReport(results)
