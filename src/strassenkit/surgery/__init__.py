@@ -11,6 +11,8 @@ from .calibrate import CalibrationReport, calibrate_
 from .config import (PerModuleConfig, SPNConfig, STLConfig, config_from_dict, config_from_json, is_config,
                      register_transform)
 from .pretrained import from_pretrained, save_pretrained
+from .reduce_rank import RankReductionReport, reduce_rank_
+from .planner import Plan, plan
 from .strassenify import InspectReport, densify_, inspect_targets, strassenify_, unload_
 from .targets import TargetRow, detect_causal, is_causal_model, plan_targets
 
@@ -35,4 +37,8 @@ __all__ = [
     "TargetRow",
     "calibrate_",
     "CalibrationReport",
+    "reduce_rank_",
+    "RankReductionReport",
+    "plan",
+    "Plan",
 ]

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..nn.padding import reset_row_mask, set_row_mask
 
-__all__ = ["note_conversion", "note_unload", "conversion_of", "install_row_mask_hook", "attention_mask_of",
+__all__ = ["note_conversion", "note_unload", "note_rank", "conversion_of", "install_row_mask_hook", "attention_mask_of",
            "has_row_mask_hook"]
 
 _RECORD = "_strassenkit_conversion"
@@ -40,6 +40,17 @@ def note_unload(model: nn.Module, names: list[str]) -> None:
     if rec:
         for n in names:
             rec["modules"].pop(n, None)
+
+
+def note_rank(model: nn.Module, name: str, rank: int) -> None:
+    """A converted STL layer got a new rank (``reduce_rank_``): the record rebuilds it with that shape.
+
+    Its values then come from the state dict, so the recorded init becomes "random" (an exact catalogue
+    init has a fixed rank).
+    """
+    rec = model.__dict__.get(_RECORD)
+    if rec and name in rec["modules"]:
+        rec["modules"][name] = {**rec["modules"][name], "rank": int(rank), "init": "random"}
 
 
 def conversion_of(model: nn.Module) -> dict:
