@@ -101,7 +101,8 @@ def merge_runs(out_dir: str | Path, records: list[dict], meta: dict, key=("seed"
     new_keys = {tuple(r[k] for k in key) for r in records}
     kept = [r for r in old["runs"] if tuple(r.get(k) for k in key) not in new_keys]
     prev = old["meta"].get("previous_configs", []) + [old["meta"].get("config")]
-    return kept + records, {**meta, "previous_configs": prev, "previous_scale": old["meta"].get("scale")}
+    carried = {k: v for k, v in old["meta"].items() if k.startswith("legacy")}  # history of earlier pipelines
+    return kept + records, {**carried, **meta, "previous_configs": prev, "previous_scale": old["meta"].get("scale")}
 
 
 def available_inits() -> list[str]:

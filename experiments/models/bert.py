@@ -1,5 +1,8 @@
 """A small BERT encoder (post-LayerNorm, as in the original BERT) with a linear-layer factory.
 
+Kept only as an independent cross-check: the MiniLM experiment uses transformers' ``BertModel``, and
+``tests/experiments/models/test_bert_padding.py`` checks that both give the same embeddings.
+
 It loads the weights of all-MiniLM-L6-v2 (:func:`load_minilm`) and produces its sentence embeddings:
 mean pooling over real tokens followed by L2 normalization.
 

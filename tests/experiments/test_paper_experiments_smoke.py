@@ -10,8 +10,7 @@ from strassenkit.nn.spn import SPNLinear
 
 from experiments import run as runner
 from experiments.common import arithmetic_costs, merge_runs, model_bits, write_runs
-from experiments.minilm import prune_24, spearman
-from experiments.models.bert import BertConfig, BertEncoder
+from experiments.minilm import block_linears, fix_masks, lowrank, prune_24, spearman, unfix_masks
 
 
 def _text_dir(tmp_path):
@@ -63,18 +62,50 @@ def test_spearman_matches_scipy():
     assert spearman(a, a) == pytest.approx(1.0)
 
 
-def test_prune_24_keeps_two_largest_of_every_four():
+def _tiny_hf_bert(vocab=60):
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    m = BertEncoder(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=16, max_position_embeddings=16))
+    cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=64)
+    return transformers.BertModel(cfg, add_pooling_layer=False).eval()
+
+
+def test_prune_24_keeps_two_largest_of_every_four_and_the_mask_survives_training():
+    m = _tiny_hf_bert()
+    names = block_linears(m)
+    assert len(names) == 6
     pruned, masks = prune_24(m)
-    for name in m.linear_names():
+    for name in names:
         w0, w = m.get_submodule(name).weight, pruned.get_submodule(name).weight
         groups = (w != 0).reshape(w.shape[0], -1, 4).sum(-1)
         assert (groups == 2).all()
         kept = w0.abs().reshape(w.shape[0], -1, 4).topk(2, -1).values.sum()
         assert torch.isclose(w.abs().sum(), kept)
     assert len(masks) == 6
+    fix_masks(pruned, masks)
+    opt = torch.optim.AdamW(pruned.parameters(), lr=1e-2)
+    ids = torch.randint(1, 60, (2, 7))
+    for _ in range(2):
+        opt.zero_grad()
+        pruned(input_ids=ids).last_hidden_state.pow(2).mean().backward()
+        opt.step()
+    unfix_masks(pruned, masks)
+    for name in names:
+        w = pruned.get_submodule(name).weight
+        assert ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all()
+
+
+def test_lowrank_is_the_truncated_svd_at_the_matched_flops():
+    m = _tiny_hf_bert()
+    low, ranks = lowrank(m, 2.0)
+    for name in block_linears(m):
+        lin, lr = m.get_submodule(name), low.get_submodule(name)
+        K, N = lin.in_features, lin.out_features
+        assert ranks[name] == round(K * N / (2 * (K + N)))
+        s = torch.linalg.svdvals(lin.weight.double())
+        approx = lr[1].weight.double() @ lr[0].weight.double()
+        err = torch.linalg.matrix_norm(approx - lin.weight.double())
+        assert float(err) == pytest.approx(float(s[ranks[name]:].norm()), rel=1e-5)  # Eckart-Young optimum
 
 
 def test_merge_runs_replaces_same_seed_and_model(tmp_path):
@@ -86,21 +117,73 @@ def test_merge_runs_replaces_same_seed_and_model(tmp_path):
         write_runs(tmp_path, [{"model": "a"}], {})
 
 
-def test_calibration_batches_have_no_padding():
+def _minilm_tokenizer_dir():
     try:
-        from experiments.data.minilm import Tokenizer
+        from experiments.minilm import model_dir
 
-        tok = Tokenizer()
-    except (FileNotFoundError, ImportError) as e:
-        pytest.skip(f"all-MiniLM-L6-v2 tokenizer not installed (make data): {e}")
-    from experiments.minilm import equal_length_batches
+        return model_dir()
+    except (FileNotFoundError, ImportError):
+        return None
 
+
+def test_length_batches_sort_by_length_and_keep_every_sentence():
+    d = _minilm_tokenizer_dir()
+    if d is None:
+        pytest.skip("all-MiniLM-L6-v2 not installed (make data)")
+    from experiments.minilm import length_batches, load_tokenizer
+
+    tok = load_tokenizer()
     sents = ["A man is playing a guitar.", "Someone plays.", "The cat sat on the mat.", "A dog runs.",
              "Good night, sweet prince, and flights of angels sing thee to thy rest."]
-    batches = equal_length_batches(tok, sents, max_length=12, batch_size=2)
-    assert sum(len(ids) for ids, _ in batches) == len(sents)
-    for ids, mask in batches:
-        assert bool(mask.all()) and ids.shape[1] <= 12
+    batches = length_batches(tok, sents, max_length=12, batch_size=2)
+    assert sum(len(b["input_ids"]) for b in batches) == len(sents)
+    lens = [int(n) for b in batches for n in b["attention_mask"].sum(1)]
+    assert lens == sorted(lens) and max(lens) == 12  # truncated to max_length, [SEP] kept
+    for b in batches:  # right padding: the padding hook of strassenify_ needs it
+        m = b["attention_mask"]
+        assert bool((m[:, 1:] <= m[:, :-1]).all())
+
+
+def test_minilm_quick_smoke_on_a_tiny_bert_writes_records_and_plot(tmp_path):
+    """The whole pipeline (HF BertModel from a folder, 2:4, low rank, STL + calibrate_, distillation through
+    strassenkit.train) on a tiny random BERT with the real tokenizer and a fake corpus."""
+    d = _minilm_tokenizer_dir()
+    if d is None:
+        pytest.skip("all-MiniLM-L6-v2 tokenizer not installed (make data)")
+    import shutil
+
+    model = _tiny_hf_bert(vocab=30522)
+    root = tmp_path / "model"
+    model.save_pretrained(root)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (d / f).is_file():
+            shutil.copy(d / f, root / f)
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    rng = random.Random(0)
+    words = ["to", "be", "or", "not", "that", "is", "the", "question", "my", "lord", "good", "night"]
+    for name in ("hamlet", "tempest", "sonnets", "one", "two"):
+        lines = [" ".join(rng.choice(words) for _ in range(8)).capitalize() + "." for _ in range(300)]
+        (texts / f"{name}_gut.txt").write_text("\n".join(lines))
+    out = tmp_path / "out"
+    rc = runner.main(["minilm", "--quick", "--minilm-root", str(root), "--text-root", str(texts), "--out", str(out),
+                      "--work-dir", str(tmp_path / "work"), "--methods", "2:4", "lowrank@2.0", "stl-cal-r24"])
+    assert rc == 0
+    data = json.loads((out / "runs.json").read_text())
+    runs = {r["model"]: r for r in data["runs"]}
+    assert set(runs) == {"2:4", "lowrank@2.0", "stl-cal-r24"}
+    assert runs["2:4"]["flop_reduction"] == pytest.approx(2.0)
+    assert runs["lowrank@2.0"]["flop_reduction"] == pytest.approx(2.0, rel=0.05)
+    stl = runs["stl-cal-r24"]
+    # width 16: encode/decode cost more than the core saves; counted per sentence incl. enc/dec
+    assert stl["linear_macs_encdec"] > 0 and stl["calib_rel_error_mean"] < 1.0 and len(stl["calib_layers"]) == 6
+    assert all(r["seed"] == 0 and -1 <= r["cosine_mean"] <= 1 for r in runs.values())
+    assert (out / "quality_vs_flops.png").stat().st_size > 1000
+    # --append keeps earlier records and adds new ones
+    rc = runner.main(["minilm", "--quick", "--minilm-root", str(root), "--text-root", str(texts), "--out", str(out),
+                      "--work-dir", str(tmp_path / "work"), "--methods", "lowrank@2.5", "--append"])
+    assert rc == 0
+    assert {r["model"] for r in json.loads((out / "runs.json").read_text())["runs"]} == set(runs) | {"lowrank@2.5"}
 
 
 def test_report_reconstructs_commands_and_marks_missing_runs(tmp_path):

@@ -1,3 +1,6 @@
+"""experiments/models/bert.py is kept only as an independent cross-check of transformers' BertModel (the
+MiniLM experiment uses the latter); its own padding tests stay, plus the HF equivalents."""
+
 import pytest
 import torch
 from torch import nn
@@ -104,3 +107,44 @@ def test_real_minilm_known_cosine():
         e = m.embed(ids, mask)
     assert abs(float(e[0] @ e[1]) - 0.6752) < 5e-4
     assert isinstance(m.layers[0].query, nn.Linear)
+
+
+@pytest.mark.skipif(not _minilm_available(), reason="all-MiniLM-L6-v2 not installed (make data)")
+def test_hf_bertmodel_gives_the_reference_encoders_embeddings():
+    """Cross-check: the experiment uses transformers' BertModel; experiments/models/bert.py is an independent
+    implementation of the same network (kept only for this check). Same weights, same embeddings."""
+    pytest.importorskip("transformers")
+    from experiments.data.minilm import Tokenizer
+    from experiments.minilm import embed_all, load_teacher, load_tokenizer
+    from experiments.models.bert import load_minilm
+
+    sents = ["A man is playing a guitar.", "Someone is playing an instrument.", "To be, or not to be.",
+             "Good night, sweet prince, and flights of angels sing thee to thy rest."]
+    hf, tok = load_teacher(), load_tokenizer()
+    ref, rtok = load_minilm(), Tokenizer()
+    e_hf = embed_all(hf, tok, sents, 48)  # one padded batch
+    with torch.no_grad():
+        e_ref = torch.cat([ref.embed(*rtok([s], 48)) for s in sents])
+    torch.testing.assert_close(e_hf, e_ref, atol=2e-5, rtol=1e-4)
+    assert abs(float(e_hf[0] @ e_hf[1]) - 0.6752) < 5e-4
+
+
+def test_hf_bert_with_stl_tiles_padding_does_not_change_real_tokens():
+    """The converted HF model (padding hook of strassenify_): a sentence alone == the same sentence padded."""
+    transformers = pytest.importorskip("transformers")
+    import strassenkit as sk
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=32)
+    m = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    sk.strassenify_(m, sk.STLConfig(tile=4, rank=7, init="random"))
+    short = torch.randint(1, 50, (1, 6))
+    batch = torch.zeros(2, 13, dtype=torch.long)
+    batch[0, :6], batch[1] = short[0], torch.randint(1, 50, (13,))
+    mask = torch.zeros(2, 13, dtype=torch.long)
+    mask[0, :6], mask[1] = 1, 1
+    with torch.no_grad():
+        alone = m(input_ids=short).last_hidden_state[0]
+        padded = m(input_ids=batch, attention_mask=mask).last_hidden_state[0, :6]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
