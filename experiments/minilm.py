@@ -408,6 +408,35 @@ def convert(spec: str, teacher, calib, heldout, args, seed: int, init: str) -> t
     return student, info
 
 
+def _convert_hash(spec: str, seed: int, init: str, args) -> str:
+    keys = ("calib_sentences", "calib_alternate", "calib_ridge", "calib_target", "max_length", "quick")
+    blob = json.dumps([spec, seed, init] + [getattr(args, k) for k in keys], default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:8]
+
+
+def cached_convert(spec, teacher, calib, heldout, args, seed, init):
+    """:func:`convert`, with STL students (stl-cal/stl-lw/stl-rr) kept in ``--work-dir`` so that further
+    runs of the same conversion (learning-rate checks, longer distillation) skip it; the record then
+    carries the seconds of the original conversion."""
+    m = parse_method(spec)
+    if not args.work_dir or m["kind"] not in ("stl-cal", "stl-lw", "stl-rr"):
+        return convert(spec, teacher, calib, heldout, args, seed, init)
+    kind = "stl-cal" if m["kind"] == "stl-lw" else m["kind"]  # stl-lw starts from the stl-cal student
+    path = Path(args.work_dir) / f"converted-{kind}-r{m['rank']}-s{seed}-{_convert_hash(kind, seed, init, args)}.pt"
+    if path.is_file():
+        blob = torch.load(path, weights_only=False)
+        student = copy.deepcopy(teacher)
+        sk.strassenify_(student, sk.STLConfig(tile=4, rank=m["rank"], init="random"))
+        student.load_state_dict(blob["state"])
+        return student, {**blob["info"], "method": m["kind"], "converted_from_cache": path.name}
+    student, info = convert(spec, teacher, calib, heldout, args, seed, init)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state": student.state_dict(), "info": info}, tmp)
+    os.replace(tmp, path)
+    return student, info
+
+
 def _run_hash(spec: str, seed: int, args) -> str:
     keys = ("init", "calib_sentences", "calib_alternate", "calib_ridge", "calib_target", "steps", "batch_size", "lr",
             "lw_steps", "max_length", "quick", "tag")
@@ -422,7 +451,7 @@ def run_one(spec, seed, teacher, tok, train_sents, data, args, init) -> dict:
     calib = length_batches(tok, calib_sents, args.max_length)
     held_sents = train_sents[off - args._held_sentences: off]
     heldout = length_batches(tok, held_sents, args.max_length)
-    student, info = convert(spec, teacher, calib, heldout, args, seed, init)
+    student, info = cached_convert(spec, teacher, calib, heldout, args, seed, init)
     masks = info.pop("_masks", None)
     before = quality(student, args._teacher_emb, tok, args._eval, args.max_length)
     work = Path(args.work_dir) / f"{spec.replace(':', '_').replace('@', '_')}-s{seed}-{_run_hash(spec, seed, args)}" \
@@ -460,6 +489,8 @@ def run(args) -> int:
     for spec in args.methods:
         parse_method(spec)
     torch.set_num_threads(args.threads)
+    with torch.enable_grad():  # load the native STL kernels outside no_grad (their self-check runs a backward)
+        sk.STLinear(8, 8, rank=7)(torch.randn(1, 4, 8)).sum().backward()
     init = args.init
     if init == "auto":
         init = "als" if "als" in available_inits() else "random"
@@ -756,3 +787,100 @@ def plot(records: list[dict], out: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------- report (used by experiments/report.py)
+def _best(groups: dict, lo: float, hi: float, prefix="stl-", key="cosine_mean"):
+    """The group (name, records) with the highest mean ``key`` among ``prefix`` methods with lo <= reduction < hi."""
+    cands = [(k, rs) for k, rs in groups.items() if k.startswith(prefix) and not rs[0].get("tag")
+             and lo <= mean_std([r["flop_reduction"] for r in rs])[0] < hi]
+    if not cands:
+        return None
+    return max(cands, key=lambda kv: mean_std([r[key] for r in kv[1]])[0])
+
+
+def _ms(rs, key):
+    return mean_std([r[key] for r in rs])
+
+
+def goal_lines(records: list[dict]) -> list[str]:
+    """The issue's goal, checked from the records: best STL method at >= 2.0x vs 2:4, at ~2.5x vs low rank."""
+    g = group_runs(current(records))
+    out = []
+    for lo, hi, base_prefix, label in ((2.0, 2.4, "2:4", "2:4"), (2.4, 2.8, "lowrank@2.5", "low rank at 2.5x")):
+        best = _best({k: v for k, v in g.items()}, lo, hi) or _best(g, lo, hi, prefix="plan@")
+        plan = _best(g, lo, hi, prefix="plan@")
+        if plan and best and _ms(plan[1], "cosine_mean")[0] > _ms(best[1], "cosine_mean")[0]:
+            best = plan
+        base = g.get(base_prefix)
+        if best is None or base is None:
+            out.append(f"- {lo:.1f}x-{hi:.1f}x vs {label}: not measured yet (needs an STL run in that range and `{base_prefix}`).")
+            continue
+        k, rs = best
+        parts = []
+        for key, what in (("cosine_mean", "cosine"), ("pair_spearman", "Spearman")):
+            m, s = _ms(rs, key)
+            bm, bs = _ms(base, key)
+            verdict = "reaches" if m >= bm else "misses"
+            parts.append(f"{what} {m:.4f} ± {s:.4f} vs {bm:.4f} ± {bs:.4f} ({verdict}: {m - bm:+.4f})")
+        red = _ms(rs, "flop_reduction")[0]
+        out.append(f"- best STL method with {lo:.1f}x <= FLOP reduction < {hi:.1f}x: **{k}** ({red:.2f}x, {len(rs)} seed(s)) vs "
+                   f"**{label}** ({_ms(base, 'flop_reduction')[0]:.2f}x, {len(base)} seed(s)): " + "; ".join(parts) + ".")
+    return out
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def diagnosis_table(rows: list[dict]) -> str:
+    lines = ["| rank | calibration sentences (real rows) | ridge | target | alternate | rel. error init | rel. error fit "
+             "| rel. error held-out | FFN-out fit / held-out | equations / unknowns (FFN-out) | cosine after calibration "
+             "| Spearman after calibration | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fo = r["by_layer_kind"].get("output", {})
+        lines.append(f"| {r['rank']} | {r['calib_sentences']} ({r['rows']}) | {r['ridge']:g} | {r['target']} | {r['alternate']} "
+                     f"| {r['rel_err_init_mean']:.3f} | {r['rel_err_fit_mean']:.3f} | {r['rel_err_heldout_mean']:.3f} "
+                     f"| {fo.get('fit', float('nan')):.3f} / {fo.get('heldout', float('nan')):.3f} "
+                     f"| {fo.get('eq_per_unknown', float('nan')):.1f} "
+                     f"| {r['quality_after_calibration']['cosine_mean']:.4f} | {r['quality_after_calibration']['pair_spearman']:.4f} "
+                     f"| {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def report_extra(folder: Path, records: list[dict]) -> list[str]:
+    """Extra report blocks: goal check, calibration study, calibration benchmark, throughput, history."""
+    lines = ["**Goal of the issue (computed from the records):**", ""] + goal_lines(records) + [""]
+    diag = _read_json(folder / "diagnosis.json")
+    if diag:
+        lines += ["**Calibration study (`python experiments/run.py minilm --diagnose`, no distillation; held-out = 200 "
+                  "other training-work sentences; quality on the 200 evaluation sentences):**", "",
+                  diagnosis_table(diag), ""]
+    bench = _read_json(folder / "calibration_bench.json")
+    if bench:
+        lines += ["**Calibration speed (`python experiments/run.py minilm --bench-calibration --methods stl-cal-r24 "
+                  "--threads 2`): all 36 layers, sequential, streamed statistics:**", "",
+                  "| rank | sentences (real rows) | threads | wall s | CPU s | load (1 min) | mean rel. error | when |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for b in bench:
+            lines.append(f"| {b['rank']} | {b['sentences']} ({b['rows']}) | {b['threads']} | {b['wall_seconds']:.0f} "
+                         f"| {b['cpu_seconds']:.0f} | {b.get('load_avg_1min', float('nan')):.1f} | {b['mean_rel_err']:.4f} "
+                         f"| {b['written_utc']} |")
+        lines.append("")
+    for tp in sorted(folder.glob("throughput_*t.json")):
+        t = _read_json(tp)
+        lines += [f"**Encoder throughput, batch 32 x 128 tokens, {t['threads']} thread(s), same process "
+                  f"(`python experiments/run.py minilm --throughput --threads {t['threads']} --methods ...`):**", "",
+                  "| model | forward ms | tokens / s | speed vs dense |", "|---|---|---|---|"]
+        for r in t["rows"]:
+            lines.append(f"| {r['model']} | {1000 * r['seconds']:.0f} | {r['tokens_per_s']:.0f} | {r['speedup_vs_dense']:.2f}x |")
+        lines += ["", "2:4 runs on PyTorch's dense kernels here (a weight with zeros): PyTorch has no CPU kernel that "
+                  "exploits 2:4 sparsity, so its FLOP reduction is not a CPU speedup.", ""]
+    old = legacy(records)
+    if old:
+        meta = (_read_json(folder / "runs.json") or {}).get("meta", {})
+        cmd = meta.get("legacy_meta", {}).get("command_v1")
+        lines += ["**History: the earlier pipeline (custom BERT, 256 calibration sentences, 30 distillation steps of 8 "
+                  "sentences; kept, not rerun)" + (f", command `{cmd}`" if cmd else "") + ":**", "",
+                  legacy_table(records), ""]
+    return lines

@@ -57,7 +57,7 @@ def command_from_config(name: str, config: dict) -> str:
 
 
 def _commands(name: str, meta: dict) -> list[str]:
-    configs = [c for c in meta.get("previous_configs", []) if c] + [meta.get("config", {})]
+    configs = [c for c in meta.get("previous_configs", []) + [meta.get("config")] if c]
     return [command_from_config(name, c) for c in configs]
 
 
@@ -148,17 +148,19 @@ def check_charlm(runs) -> list[str]:
 
 def check_minilm(runs) -> list[str]:
     out = []
-    for k, rs in group_runs(runs).items():
+    for k, rs in group_runs(minilm.current(runs)).items():
         c = mean_std([r["cosine_mean"] for r in rs])
         s = mean_std([r["pair_spearman"] for r in rs])
         extra = ""
         errs = [r["calib_rel_error_mean"] for r in rs if r.get("calib_rel_error_mean") is not None]
         if errs:
-            bc = [r["before_calibration"]["cosine_mean"] for r in rs if r.get("before_calibration")]
-            extra = (f" Mean per-layer relative error after calibrate_: {mean_std(errs)[0]:.3f}; cosine right after "
-                     f"conversion (before calibration): {mean_std(bc)[0]:.4f}.")
+            held = [r["calib_rel_error_heldout_mean"] for r in rs if r.get("calib_rel_error_heldout_mean") is not None]
+            extra = (f" Mean per-layer relative error after calibration: {mean_std(errs)[0]:.3f}"
+                     + (f" (held-out {mean_std(held)[0]:.3f})" if held else "") + ".")
+        b = mean_std([r["before_distill"]["cosine_mean"] for r in rs])
         out.append(f"- {k}: {mean_std([r['flop_reduction'] for r in rs])[0]:.2f}x fewer linear FLOPs, cosine to teacher "
-                   f"{c[0]:.4f} ± {c[1]:.4f}, pair-similarity Spearman {s[0]:.4f} ± {s[1]:.4f}.{extra}")
+                   f"{c[0]:.4f} ± {c[1]:.4f} (before distillation {b[0]:.4f}), pair-similarity Spearman "
+                   f"{s[0]:.4f} ± {s[1]:.4f}.{extra}")
     return out
 
 
@@ -221,6 +223,8 @@ def build_report(results: Path) -> str:
                   f"**Scale:** {meta.get('scale', 'see config')}. Seeds: {seeds}. Written {meta.get('written_utc', '?')} "
                   f"(torch {meta.get('torch', '?')}, {meta.get('threads', '?')} thread(s)).", ""]
         lines += [module.table(runs), ""]
+        if hasattr(module, "report_extra"):
+            lines += module.report_extra(results / name, runs)
         lines += ["**Measured against the claim:**", ""] + CHECKS[name](runs) + [""]
         lines += ["**Caveats of this scaled run:**", ""] + [f"- {c}" for c in CAVEATS.get(name, [])] + [""]
         for png in sorted((results / name).glob("*.png")):

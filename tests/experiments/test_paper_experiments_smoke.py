@@ -184,6 +184,12 @@ def test_minilm_quick_smoke_on_a_tiny_bert_writes_records_and_plot(tmp_path):
                       "--work-dir", str(tmp_path / "work"), "--methods", "lowrank@2.5", "--append"])
     assert rc == 0
     assert {r["model"] for r in json.loads((out / "runs.json").read_text())["runs"]} == set(runs) | {"lowrank@2.5"}
+    # the same STL conversion again (e.g. a learning-rate check): taken from the work dir, same student
+    rc = runner.main(["minilm", "--quick", "--minilm-root", str(root), "--text-root", str(texts), "--out", str(out),
+                      "--work-dir", str(tmp_path / "work"), "--methods", "stl-cal-r24", "--tag", "again", "--append"])
+    again = {r["model"]: r for r in json.loads((out / "runs.json").read_text())["runs"]}["stl-cal-r24 again"]
+    assert again["converted_from_cache"].startswith("converted-stl-cal-r24-s0-")
+    assert again["before_distill"] == stl["before_distill"]
 
 
 def test_report_reconstructs_commands_and_marks_missing_runs(tmp_path):
