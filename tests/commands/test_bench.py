@@ -4,6 +4,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from strassenkit.commands import bench
 
@@ -125,3 +126,31 @@ def test_bad_malloc_option_rejected(tmp_path):
     )
     with pytest.raises(SystemExit, match="malloc"):
         bench.run(args)
+
+
+def test_model_sets_time_a_converted_model_and_the_per_call_cost(tmp_path, monkeypatch):
+    from torch import nn
+
+    def tiny():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        return model, torch.randn(2, 8, 16), 0, 1.0, "2 linears"
+
+    monkeypatch.setitem(bench._MODELS, "vit_b", tiny)
+    monkeypatch.setitem(bench.MODEL_SETS, "models", ["vit_b"])
+    real_call_rows = bench.call_rows
+    monkeypatch.setattr(bench, "call_rows", lambda repeats, set_name: real_call_rows(5, set_name))
+    args = argparse.Namespace(quick=False, sets="models,overhead", modes="forward,train", threads="1", repeats=1,
+                              tile=4, rank=24, out=str(tmp_path))
+    assert bench.run(args) == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["rows"] == []
+    got = {(r["set"], r["mode"]) for r in data["model_rows"]}
+    assert got == {("models", "forward"), ("models", "train"), ("overhead", "forward"), ("overhead", "train")}
+    for r in data["model_rows"]:
+        assert r["dense_ms"] > 0 and r["stl_ms"] > 0
+        if r["set"] == "models":
+            assert r["linears"] == 2 and r["flop_bound"] > 0
+    md = (tmp_path / "bench.md").read_text()
+    assert "## Whole models and per-call cost" in md and "native STL kernels: code path" in md
+

@@ -49,9 +49,9 @@ def _threads(k):
 
 @contextlib.contextmanager
 def _spy_native():
-    """Count calls of torch.ops.strassenkit_native.{encode,decode,bmm} (still running the real ops)."""
+    """Count calls of torch.ops.strassenkit_native.{encode,decode,bmm,fused_*} (still running the real ops)."""
     ns = torch.ops.strassenkit_native
-    calls = {"encode": 0, "decode": 0, "bmm": 0}
+    calls = {"encode": 0, "decode": 0, "bmm": 0, "fused_forward": 0, "fused_backward": 0}
     originals = {name: getattr(ns, name) for name in calls}
 
     def wrap(name):
@@ -288,11 +288,12 @@ def _compare(results, ref, tol, what):
 
 
 @requires_native
+@pytest.mark.parametrize("fused", ["off", "on"])
 @pytest.mark.parametrize("threads", [1, 2])
 @settings(max_examples=25, deadline=None)
 @given(lead=st.lists(st.integers(1, 3), max_size=2), M=st.integers(1, 12), data=st.data(), fmt=FORMATS,
        r=st.integers(1, 50), seed=st.integers(0, 2**16))
-def test_stl_apply_native_vs_torch_vs_reference_float64(threads, lead, M, data, fmt, r, seed):
+def test_stl_apply_native_vs_torch_vs_reference_float64(threads, fused, lead, M, data, fmt, r, seed):
     n, m, p = fmt
     _, K = data.draw(_tile_cols(m), label="Kt, K")
     _, N = data.draw(_tile_cols(p), label="Nt, N")
@@ -300,13 +301,17 @@ def test_stl_apply_native_vs_torch_vs_reference_float64(threads, lead, M, data, 
     gy = torch.randn(*lead, M, N, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
     ref = _fwd_bwd(stl_apply_reference, args, fmt, N, gy)
     with _threads(threads):
-        with ops.backend("native"), _spy_native() as calls:
+        with ops.backend("native"), ops.fused(fused), _spy_native() as calls:
             nat = _fwd_bwd(stl_apply, args, fmt, N, gy, ALL_GRADS)
-        assert calls["encode"] >= 2 and calls["decode"] >= 2, calls  # forward + backward went native
-        assert (calls["bmm"] > 0) == (threads > 1), calls  # the native bmm only with several threads
-        with ops.backend("torch"), _spy_native() as calls:
+        if fused == "on":  # one fused call each way
+            assert calls["fused_forward"] == 1 and calls["fused_backward"] == 1, calls
+            assert calls["encode"] == calls["decode"] == calls["bmm"] == 0, calls
+        else:
+            assert calls["encode"] >= 2 and calls["decode"] >= 2, calls  # forward + backward went native
+            assert calls["bmm"] == 3 and calls["fused_forward"] == 0, calls  # core GEMMs natively (pooled outputs)
+        with ops.backend("torch"), ops.fused(fused), _spy_native() as calls:
             tor = _fwd_bwd(stl_apply, args, fmt, N, gy, ALL_GRADS)
-        assert calls == {"encode": 0, "decode": 0, "bmm": 0}, calls
+        assert not any(calls.values()), calls
     _compare(nat, ref, 1e-12, f"native vs reference ({threads} threads):")
     _compare(tor, ref, 1e-12, f"torch vs reference ({threads} threads):")
     _compare(nat, tor, 1e-12, f"native vs torch ({threads} threads):")
@@ -335,17 +340,21 @@ def test_stl_apply_native_vs_torch_vs_reference_fixed(fmt, shape, threads):
 
 
 @requires_native
+@pytest.mark.parametrize("fused", ["off", "on"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_native_is_deterministic(dtype, threads):
+def test_native_is_deterministic(dtype, threads, fused):
     # large enough that encode/decode split into several parts with 2 threads (>= 256k MACs each)
     fmt, lead, M, K, N, r = (4, 4, 4), (2,), 63, 255, 130, 49
     args = _operands(lead, M, K, N, fmt, r, dtype=dtype, seed=5)
     gy = torch.randn(*lead, M, N, dtype=torch.float64, generator=torch.Generator().manual_seed(6)).to(dtype)
-    with _threads(threads), ops.backend("native"), _spy_native() as calls:
+    with _threads(threads), ops.backend("native"), ops.fused(fused), _spy_native() as calls:
         first = _fwd_bwd(stl_apply, args, fmt, N, gy, ALL_GRADS)
         second = _fwd_bwd(stl_apply, args, fmt, N, gy, ALL_GRADS)
-    assert calls["encode"] == 6 and calls["decode"] == 4, calls  # per run: encode x, grad_y, enc_x-grad; decode y, grad_x
+    if fused == "on":
+        assert calls["fused_forward"] == 2 and calls["fused_backward"] == 2, calls
+    else:  # per run: encode x, grad_y, enc_x-grad; decode y, grad_x
+        assert calls["encode"] == 6 and calls["decode"] == 4, calls
     for name, a, b in zip(NAMES, first, second):
         assert (a is None) == (b is None)
         assert a is None or torch.equal(a, b), f"{name} differs between two native runs with {threads} threads"
@@ -439,7 +448,8 @@ def test_low_precision_through_fast_path(dtype):
     with _spy_native() as calls:
         y, *grads = _fwd_bwd(stl_apply, args, fmt, N, gy)
     if ops.compute_dtype(dtype, "cpu") == torch.float32:  # no native bf16 GEMMs on this CPU
-        assert calls["encode"] >= 2 and calls["decode"] >= 2, "float32 compute should use the native kernels"
+        went_native = (calls["encode"] >= 2 and calls["decode"] >= 2) or calls["fused_backward"] == 1
+        assert went_native, "float32 compute should use the native kernels"
     assert y.dtype == dtype
     ref = _fwd_bwd(stl_apply_reference, [a.double() for a in args], fmt, N, gy.double())  # exact math on rounded inputs
     for name, a, c in zip(NAMES, (y, *grads), ref):

@@ -33,11 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from .._utils import ceil_div
+from ..functional import native
 from ..functional.ops import active_backend, backend, bmm, compute_dtype, native_low_precision
 from ..functional.stl import stl_apply
 from ..runtime import retain_freed_memory
 
-__all__ = ["SHAPE_SETS", "QUICK_SETS", "BenchRow", "bench_row", "run_bench", "add_arguments", "run"]
+__all__ = ["SHAPE_SETS", "QUICK_SETS", "MODEL_SETS", "BenchRow", "ModelRow", "bench_row", "model_rows", "call_rows",
+           "run_bench", "run_models", "add_arguments", "run"]
 
 # name -> list of (M, K, N, dtypes, thread counts); M counts rows (tokens), grouped as (M/64, 64, K)
 # for the row tiles when M is a multiple of 64 (a batch of sequences), else one matrix.
@@ -52,8 +54,10 @@ SHAPE_SETS: dict[str, list[tuple[int, int, int, tuple[str, ...], tuple[int, ...]
     "vit": [(12608, 768, 3072, ("float32",), (2,)), (12608, 3072, 768, ("float32",), (2,))],
     "llm": [(4096, 4096, 11008, ("float32",), (2,))],
     "small_batch": [(16, 4096, 4096, ("float32",), _BOTH)],
-    # the issue's goal rows only (run them several times with --runs to see the run-to-run spread)
-    "goals": [(4096, 4096, 4096, ("float32",), (2,)), (6400, 128, 512, ("float32",), (1, 2))],
+    # the goal rows of issues 6 and 16 only (run them several times with --runs to see the run-to-run spread)
+    "goals": [(4096, 4096, 4096, ("float32",), (2,)), (6400, 128, 512, ("float32",), (1,)),
+              (6400, 192, 768, ("float32",), (1,)), (6400, 256, 1024, ("float32",), (1,)),
+              (6400, 384, 1536, ("float32",), (1,))],
     "small_width": [
         (6400, 128, 512, ("float32", "bfloat16"), _BOTH),
         (6400, 512, 128, ("float32",), _BOTH),
@@ -199,6 +203,189 @@ def _bench_row(set_name, M, K, N, dtype, mode, threads, tile, rank, repeats, war
     )
 
 
+# --------------------------------------------------------------------------- whole models and per-call cost
+# Sets that time whole converted models rather than one layer. Each entry: (name, builder, threads). A
+# builder returns (dense model, example inputs as a dict of keyword arguments or a tensor, attention MACs
+# per sample, goal ratio for inference or None). The STL model is the dense one converted by strassenify_
+# with STLConfig(tile, rank): what a user gets.
+MODEL_SETS: dict[str, list[str]] = {"models": ["vit_b", "minilm"], "overhead": ["call"]}
+
+
+@dataclass
+class ModelRow:
+    set: str
+    model: str
+    shape: str
+    mode: str
+    threads: int
+    dense_ms: float
+    stl_ms: float
+    speedup: float
+    speedup_min: float
+    speedup_max: float
+    flop_bound: float  # (dense linear MACs + attention) / (STL MACs incl. encode/decode + attention)
+    linears: int  # converted layers
+    repeats: int
+    kernels: str
+    malloc: str = "default"
+    run: int = 0
+    goal: float | None = None
+
+
+def _vit_b():
+    """A ViT-B-size encoder: 12 pre-LN blocks, d=768, MLP 3072, 12 heads, SDPA; 8 images x 197 tokens."""
+    from torch import nn
+
+    from .._models.vit import Block
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[Block(768, 12, 4.0, lambda i, o: nn.Linear(i, o)) for _ in range(12)])
+    x = torch.randn(8, 197, 768)
+    return model, x, 12 * 2 * 197 * 197 * 768, 2.0, "12 blocks d=768 mlp=3072, 8 x 197 tokens"
+
+
+def _minilm():
+    """all-MiniLM-L6-v2's shape (BertModel: 6 layers, d=384, MLP 1536, 12 heads, SDPA), random weights; 32 x 128 tokens."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                     intermediate_size=1536, max_position_embeddings=512, attn_implementation="sdpa")
+    model = BertModel(cfg, add_pooling_layer=False)  # as in the MiniLM experiment: every linear is a block linear
+    ids = torch.randint(1000, 30000, (32, 128), generator=torch.Generator().manual_seed(0))
+    return model, {"input_ids": ids}, 6 * 2 * 128 * 128 * 384, 1.5, "BertModel 6 layers d=384 mlp=1536, 32 x 128 tokens"
+
+
+_MODELS = {"vit_b": _vit_b, "minilm": _minilm}
+
+
+def _call(model, inputs):
+    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out
+
+
+def _batch_of(inputs, n: int):
+    if isinstance(inputs, dict):
+        return {k: v[:n] for k, v in inputs.items()}
+    return inputs[:n]
+
+
+def model_rows(name: str, modes=("forward", "train"), threads=2, tile=4, rank=24, repeats=5, warmup=1,
+               set_name="models") -> list[ModelRow]:
+    """Dense vs converted model ``name`` (see _MODELS): inference (no grad) and/or a training step."""
+    import copy
+
+    from .. import cost
+    from ..surgery import STLConfig, strassenify_
+
+    dense, inputs, attn_macs, goal, shape = _MODELS[name]()
+    stl = copy.deepcopy(dense)
+    # head=None: these models have no output head; "auto" would keep the last block's last linear dense
+    converted = strassenify_(stl, STLConfig(tile=tile, rank=rank, keep_dense_weight=False), head=None)
+    one = _batch_of(inputs, 1)  # MACs per sample (attn_macs is per sample too)
+
+    def linear_macs(model):
+        with torch.no_grad():
+            rep = cost.count(model.eval(), **one) if isinstance(one, dict) else cost.count(model.eval(), one)
+        return sum(c.macs for c in rep.layers if c.kind in ("linear", "stl"))
+
+    bound = (linear_macs(dense) + attn_macs) / (linear_macs(stl) + attn_macs)
+    rows = []
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for mode in modes:
+            if mode == "forward":
+                dense.eval(), stl.eval()
+
+                def run_d():
+                    with torch.no_grad():
+                        _call(dense, inputs)
+
+                def run_s():
+                    with torch.no_grad():
+                        _call(stl, inputs)
+            else:
+                dense.train(), stl.train()
+
+                def step(model):
+                    def f():
+                        for p in model.parameters():
+                            p.grad = None
+                        _call(model, inputs).float().pow(2).mean().backward()
+                    return f
+
+                run_d, run_s = step(dense), step(stl)
+            times = _interleaved([run_d, run_s], repeats, warmup)
+            d, s = statistics.median(times[0]), statistics.median(times[1])
+            lo, hi = _ratio_spread(times[0], times[1])
+            rows.append(ModelRow(set=set_name, model=name, shape=shape, mode=mode, threads=threads, dense_ms=d * 1e3,
+                                 stl_ms=s * 1e3, speedup=d / s, speedup_min=lo, speedup_max=hi, flop_bound=bound,
+                                 linears=len(converted), repeats=repeats, kernels=active_backend(torch.float32, "cpu"),
+                                 goal=goal if mode == "forward" else None))
+    finally:
+        torch.set_num_threads(old)
+    return rows
+
+
+def call_rows(repeats: int = 2000, set_name: str = "overhead") -> list[ModelRow]:
+    """Per-call cost of one tiny layer (1 x 4 x 8 -> 8): nn.Linear vs STLinear, no-grad call and training step."""
+    from torch import nn
+
+    from ..nn.stlinear import STLinear
+
+    torch.manual_seed(0)
+    dense, stl = nn.Linear(8, 8), STLinear(8, 8, tile=4, rank=24)
+    x = torch.randn(1, 4, 8)
+    xg = x.clone().requires_grad_()
+    rows = []
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for mode in ("forward", "train"):
+            if mode == "forward":
+                def mk(m):
+                    def f():
+                        with torch.no_grad():
+                            m(x)
+                    return f
+            else:
+                def mk(m):
+                    def f():
+                        m(xg).sum().backward()
+                    return f
+            times = _interleaved([mk(dense), mk(stl)], repeats, 50)
+            d, s = statistics.median(times[0]), statistics.median(times[1])
+            rows.append(ModelRow(set=set_name, model="one layer 8 -> 8 (per call)", shape="1 x 4 x 8", mode=mode,
+                                 threads=1, dense_ms=d * 1e3, stl_ms=s * 1e3, speedup=d / s, speedup_min=float("nan"),
+                                 speedup_max=float("nan"), flop_bound=float("nan"), linears=1, repeats=repeats,
+                                 kernels=active_backend(torch.float32, "cpu")))
+    finally:
+        torch.set_num_threads(old)
+    return rows
+
+
+def _model_markdown(rows: list[ModelRow]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "## Whole models and per-call cost", "",
+             "Dense model vs the same model converted by `strassenify_(model, STLConfig(tile=4, rank=24))` "
+             "(every linear layer an STLinear), interleaved repeats, median; flop bound = (dense linear MACs + "
+             "attention) / (STL MACs incl. encode/decode + attention). The per-call rows time one tiny layer "
+             "(1 x 4 x 8 -> 8) to show the fixed cost of a call (microseconds).", "",
+             "| run | set | model | shape | mode | threads | malloc | dense | STL | speedup | flop bound | goal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        per_call = r.set == "overhead"
+        unit = (lambda v: f"{v * 1e3:.1f} us") if per_call else (lambda v: f"{v:.0f} ms")
+        spread = "" if per_call else f" ({r.speedup_min:.2f}-{r.speedup_max:.2f})"
+        goal = "-" if r.goal is None else (f">= {r.goal}x: " + ("**met**" if r.speedup >= r.goal else "missed"))
+        bound = "-" if per_call else f"{r.flop_bound:.2f}"
+        lines.append(f"| {r.run} | {r.set} | {r.model} | {r.shape} | {r.mode} | {r.threads} | {r.malloc} | "
+                     f"{unit(r.dense_ms)} | {unit(r.stl_ms)} | **{r.speedup:.2f}x**{spread} | {bound} | {goal} |")
+    return lines
+
+
 def _machine_info() -> dict:
     model, flags = platform.processor() or "unknown", []
     try:
@@ -217,6 +404,8 @@ def _machine_info() -> dict:
         "cpu": model, "simd": simd, "cores": os.cpu_count(), "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16_gemm": native_low_precision("cpu"), "loadavg_start": load,
+        "native_code_path": native.code_path() or "unavailable (pure-PyTorch kernels)",
+        "native_flags": " ".join(native.build_info()["flags"]) if native.available() else "",
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
     }
 
@@ -290,6 +479,38 @@ def run_bench(
     return rows, info
 
 
+def run_models(names, modes=("forward", "train"), tile=4, rank=24, repeats=5, threads=None, runs=1,
+               mallocs=("default",), progress=True, call_repeats=2000) -> list[ModelRow]:
+    """The whole-model sets ``names`` (keys of MODEL_SETS), ``runs`` times, under each allocator setting."""
+    from tqdm import tqdm
+
+    jobs = [(run, name, model, mem) for run in range(runs) for name in names for model in MODEL_SETS[name]
+            for mem in mallocs]
+    rows: list[ModelRow] = []
+    current = "default"
+    try:
+        for run, name, model, mem in tqdm(jobs, desc="models", disable=not progress):
+            if mem != current:
+                if not retain_freed_memory(mem == "retain"):
+                    raise RuntimeError("--malloc retain needs glibc's mallopt, which this system does not have")
+                current = mem
+            if model == "call":
+                new = call_rows(call_repeats, set_name=name)
+            else:
+                new = []
+                for th in threads or (2,):
+                    for mode in modes:  # training steps of whole models are long: fewer repeats
+                        new += model_rows(model, (mode,), th, tile, rank, min(repeats, 5) if mode == "forward" else 3,
+                                          set_name=name)
+            for r in new:
+                r.run, r.malloc = run, mem
+            rows += new
+    finally:
+        if current != "default":
+            retain_freed_memory(False)
+    return rows
+
+
 def _markdown(rows: list[BenchRow], info: dict, command: str) -> str:
     lines = [
         "# STL vs dense F.linear: wall-clock on this machine",
@@ -298,6 +519,9 @@ def _markdown(rows: list[BenchRow], info: dict, command: str) -> str:
         "",
         f"- CPU: {info['cpu']} ({info['cores']} cores), SIMD flags: {', '.join(info['simd']) or 'n/a'}; "
         f"torch {info['torch']} (CPU capability {info['cpu_capability']}); native bf16 GEMM: {info['native_bf16_gemm']}",
+        f"- native STL kernels: code path **{info.get('native_code_path', '?')}** (ISA / vector bits, chosen for this "
+        f"CPU at load time; compiled with `{info.get('native_flags', '')}`); the fused path (encode, core and decode "
+        "per block of tile rows) runs layers with a small encoded weight, see results/bench/README.md",
         f"- load average (1, 5, 15 min) at start {info['loadavg_start']}, at end {info['loadavg_end']} "
         "(other jobs shared the cores: absolute times are noisy; dense and STL are interleaved per repeat, "
         "so the ratios are the figures to read)",
@@ -316,13 +540,16 @@ def _markdown(rows: list[BenchRow], info: dict, command: str) -> str:
         "- bf16 rows: compute dtype shows what the fast path computes in (float32 on CPUs without native bf16 GEMMs); "
         "dense is native bf16 F.linear. When the compute dtype differs, the last column compares against dense "
         "computed the same way (cast to float32, F.linear, cast back): that is the fair algorithmic comparison",
-        "",
-        "Break-even (square shapes, best thread count): "
-        + "; ".join(f"{k}: {v}" for k, v in info["break_even"].items()),
-        "",
-        "| run | set | M x K x N | dtype (compute) | mode | threads | kernels | malloc | dense ms | STL ms | speedup | flop bound | bmm bound | outside core | vs dense in compute dtype |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if rows:
+        lines += [
+            "",
+            "Break-even (square shapes, best thread count): "
+            + "; ".join(f"{k}: {v}" for k, v in info["break_even"].items()),
+            "",
+            "| run | set | M x K x N | dtype (compute) | mode | threads | kernels | malloc | dense ms | STL ms | speedup | flop bound | bmm bound | outside core | vs dense in compute dtype |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
     for r in rows:
         lines.append(
             f"| {r.run} | {r.set} | {r.M}x{r.K}x{r.N} | {r.dtype} ({r.compute_dtype}) | {r.mode} | {r.threads} | {r.kernels} | {r.malloc} | "
@@ -420,7 +647,7 @@ def _plot(rows: list[BenchRow], path: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small shape set (about a minute)")
-    parser.add_argument("--sets", default=None, help=f"comma-separated shape sets from {sorted(SHAPE_SETS)}")
+    parser.add_argument("--sets", default=None, help=f"comma-separated shape sets from {sorted([*SHAPE_SETS, *MODEL_SETS])}")
     parser.add_argument("--modes", default="forward,train", help="forward,train")
     parser.add_argument("--threads", default=None, help="override thread counts, e.g. 1,2 (default: per row)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per row (2 fewer, at least 3, for the largest rows)")
@@ -442,12 +669,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     pool = QUICK_SETS if args.quick else SHAPE_SETS
+    model_sets = ["overhead"] if args.quick else list(MODEL_SETS)
     if args.sets:
         names = [s.strip() for s in args.sets.split(",") if s.strip()]
-        bad = [s for s in names if s not in SHAPE_SETS]
+        bad = [s for s in names if s not in SHAPE_SETS and s not in MODEL_SETS]
         if bad:
-            raise SystemExit(f"--sets: unknown shape set(s) {bad}; choose from {sorted(SHAPE_SETS)}")
-        pool = {s: (QUICK_SETS if args.quick else SHAPE_SETS).get(s, SHAPE_SETS[s]) for s in names}
+            raise SystemExit(f"--sets: unknown shape set(s) {bad}; choose from {sorted([*SHAPE_SETS, *MODEL_SETS])}")
+        pool = {s: (QUICK_SETS if args.quick else SHAPE_SETS).get(s, SHAPE_SETS[s]) for s in names if s in SHAPE_SETS}
+        model_sets = [s for s in names if s in MODEL_SETS]
     modes = tuple(s.strip() for s in args.modes.split(",") if s.strip())
     if not modes or any(m not in ("forward", "train") for m in modes):
         raise SystemExit(f"--modes must be a comma-separated subset of forward,train, got {args.modes!r}")
@@ -465,6 +694,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--malloc must be a comma-separated subset of default,retain, got {args.malloc!r}")
     rows, info = run_bench(pool, modes, args.tile, args.rank, args.repeats, threads, kernels=kernels, runs=runs,
                            mallocs=mallocs)
+    mrows = run_models(model_sets, modes, args.tile, args.rank, args.repeats, threads, runs, mallocs,
+                       call_repeats=300 if args.quick else 2000)
+    info["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = getattr(args, "name", "bench") or "bench"
@@ -482,10 +714,12 @@ def run(args: argparse.Namespace) -> int:
         cmd += f" --malloc {','.join(mallocs)}"
     if runs > 1:
         cmd += f" --runs {runs}"
-    payload = {"command": cmd, "tile": args.tile, "rank": args.rank, "machine": info, "rows": [asdict(r) for r in rows]}
+    payload = {"command": cmd, "tile": args.tile, "rank": args.rank, "machine": info, "rows": [asdict(r) for r in rows],
+               "model_rows": [asdict(r) for r in mrows]}
     (out / f"{name}{suffix}.json").write_text(json.dumps(payload, indent=1))
-    md = _markdown(rows, info, cmd)
+    md = _markdown(rows, info, cmd) + "\n".join(_model_markdown(mrows)) + ("\n" if mrows else "")
     (out / f"{name}{suffix}.md").write_text(md)
-    _plot(rows, out / (f"speedup{suffix}.png" if name == "bench" else f"{name}{suffix}_speedup.png"))
+    if rows:
+        _plot(rows, out / (f"speedup{suffix}.png" if name == "bench" else f"{name}{suffix}_speedup.png"))
     print(md)
     return 0

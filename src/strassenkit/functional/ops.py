@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 from torch import Tensor
@@ -118,6 +119,11 @@ def active_backend(dtype: torch.dtype = torch.float32, device_type: str = "cpu")
     return "native" if native.available() else "torch"
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype; t itself when it already is (``Tensor.to`` costs a few microseconds even then)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _native_for(t: Tensor) -> bool:
     return active_backend(t.dtype, t.device.type) == "native"
 
@@ -129,10 +135,48 @@ def _triton_for(t: Tensor) -> bool:
 
 
 def bmm(a: Tensor, b: Tensor) -> Tensor:
-    """Batched matmul; natively the r GEMMs are split across threads, each GEMM single-threaded."""
-    if _native_for(a) and torch.get_num_threads() > 1:
+    """Batched matmul; natively the r GEMMs are split across threads, each GEMM single-threaded, and the
+    output comes from the native kernels' memory pool (see csrc: no page faults on repeated calls)."""
+    if _native_for(a):
         return torch.ops.strassenkit_native.bmm(a, b)
     return torch.bmm(a, b)
+
+
+# --------------------------------------------------------------------------- fused native path
+# The native kernels also have a fused path (csrc "fused path"): per block of tile rows, gather +
+# encode, the r core GEMMs (a register-blocked kernel) and decode + scatter run back to back while the
+# block stays in cache; its backward likewise. It wins where the encoded weight is small enough that
+# streaming it once per block costs less than writing and re-reading x_hat and the products. Measured on
+# the 2-core AVX2 EPYC (same-process A/B, see results/bench/README.md): the forward up to Kt*Nt = 192*192
+# per rank (d=384 MLP, 768x768 projections), the backward up to 64*256 (d <= 256 MLPs); beyond that the
+# unfused stages with BLAS core GEMMs are faster. "on"/"off" force it (A/B timing, tests);
+# STRASSENKIT_FUSED=auto|on|off sets the start value.
+_FUSED_MODES = ("auto", "on", "off")
+_fused = os.environ.get("STRASSENKIT_FUSED", "auto").strip().lower()
+_fused = {"1": "on", "0": "off", "true": "on", "false": "off"}.get(_fused, _fused)
+if _fused not in _FUSED_MODES:  # pragma: no cover - a typo in the environment
+    _fused = "auto"
+_FUSED_MAX_TILES = {"forward": 192 * 192, "backward": 64 * 256}  # Kt * Nt per rank
+
+
+@contextlib.contextmanager
+def fused(mode: str):
+    """Context manager forcing the native fused path "on", "off", or back to "auto"."""
+    global _fused
+    if mode not in _FUSED_MODES:
+        raise ValueError(f"fused mode must be one of {_FUSED_MODES}, got {mode!r}")
+    old, _fused = _fused, mode
+    try:
+        yield
+    finally:
+        _fused = old
+
+
+def _use_fused(x: Tensor, w_hat: Tensor, stage: str = "forward") -> bool:
+    """True if the native fused kernels run this layer's ``stage`` (native backend; size rule under "auto")."""
+    if _fused == "off" or not _native_for(x):
+        return False
+    return _fused == "on" or w_hat.shape[1] * w_hat.shape[2] <= _FUSED_MAX_TILES[stage]
 
 
 # --------------------------------------------------------------------------- layout helpers
@@ -230,10 +274,75 @@ def _forward_impl(x, w_hat, enc_x, dec, n, m, p, out_features):
     r, Kt, Nt = w_hat.shape
     Mt = ceil_div(M, n)
     cdt = compute_dtype(x.dtype, x.device.type)
+    xc = _as(x, cdt)
+    if _use_fused(xc, w_hat):
+        y, x_hat, prod = torch.ops.strassenkit_native.fused_forward(xc, _as(w_hat, cdt), _as(enc_x, cdt), _as(dec, cdt),
+                                                                    n, m, p, out_features, True)
+        return _as(y, x.dtype), x_hat, prod
     x_hat, _ = _encode(x.to(cdt), enc_x.to(cdt), n, m, Mt, Kt)
     prod = bmm(x_hat, w_hat.to(cdt))
     y = _decode(prod, dec.to(cdt), n, p, B, Mt, M, out_features)
     return y.to(x.dtype), x_hat, prod
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def plain_eager(x: Tensor, *operands: Tensor) -> bool:
+    """True where the eager shortcuts below may replace the custom op: plain CPU tensors, nothing watching.
+
+    That is: x and the operands are plain ``torch.Tensor``/``nn.Parameter`` on the CPU (no subclass, fake or
+    meta tensor), and no torch.compile tracing, dispatch mode (FlopCounterMode, fake modes), torch-function
+    mode (``with torch.device(...)``) or functorch transform (vmap, grad) is active: then nothing can tell
+    the custom op from the same functions called directly.
+    """
+    if type(x) not in _PLAIN or x.device.type != "cpu" or any(type(t) not in _PLAIN for t in operands):
+        return False
+    return not (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+                or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling())
+
+
+def stl_infer(x: Tensor, w_hat: Tensor, enc_x: Tensor, dec: Tensor, n: int, m: int, p: int, out_features: int,
+              bias: Tensor | None = None) -> Tensor:
+    """y (+ bias) of :func:`stl_forward` without the op's dispatch and without the saved intermediates.
+
+    The same kernels compute the same y bit for bit (tests compare them); only x_hat and prod, which
+    nothing needs without a backward, are not written, and the fused kernels add the bias while they
+    write y. For eager inference (no gradient needed, :func:`plain_eager`).
+    """
+    cdt = compute_dtype(x.dtype, x.device.type)
+    xc = _as(x, cdt)
+    if _use_fused(xc, w_hat):
+        in_kernel = bias is not None and cdt == x.dtype  # y + bias rounded once, as y.add_(bias) would
+        y = torch.ops.strassenkit_native.fused_forward(xc, _as(w_hat, cdt), _as(enc_x, cdt), _as(dec, cdt), n, m, p,
+                                                       out_features, False, _as(bias, cdt) if in_kernel else None)[0]
+        if in_kernel or bias is None:
+            return _as(y, x.dtype)
+    else:
+        y = _forward_impl(x, w_hat, enc_x, dec, n, m, p, out_features)[0]
+    y = _as(y, x.dtype)
+    return y if bias is None else y.add_(_as(bias, y.dtype))
+
+
+class EagerSTL(torch.autograd.Function):
+    """The custom op's forward and backward (the same functions) as a plain autograd.Function.
+
+    In eager mode the custom op's dispatch costs ~50-100 us per call on our CPUs, as much as the whole
+    layer for small inputs; this runs the same code with autograd.Function's lighter bookkeeping. Used by
+    stl_apply only where :func:`plain_eager` holds; torch.compile/export, fake tensors and dispatch modes
+    always see the custom op.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_hat, enc_x, dec, n, m, p, out_features):
+        y, x_hat, prod = _forward_impl(x, w_hat, enc_x, dec, n, m, p, out_features)
+        ctx.save_for_backward(x, w_hat, enc_x, dec, x_hat, prod)
+        ctx.fmt = (n, m, p)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _backward(ctx, grad_y, None, None)
 
 
 def stl_forward_plain(x, w_hat, enc_x, dec, n: int, m: int, p: int, out_features: int) -> Tensor:
@@ -309,6 +418,13 @@ def _backward(ctx, grad_y, _grad_xhat, _grad_prod):
     Mt = ceil_div(M, n)
     cdt = x_hat.dtype
     gx = gw = ge = gd = None
+    if _use_fused(x_hat, w_hat, "backward"):  # x_hat/prod mean the same on both paths: any pairing is right
+        gx, gw, ge, gd = torch.ops.strassenkit_native.fused_backward(
+            _as(grad_y, cdt), _as(x, cdt), _as(w_hat, cdt), _as(enc_x, cdt), _as(dec, cdt), x_hat, prod, n, m, p,
+            need_x, need_w, need_e, need_d)
+        return ((_as(gx, x.dtype) if need_x else None), (_as(gw, w_hat.dtype) if need_w else None),
+                (_as(ge, enc_x.dtype) if need_e else None), (_as(gd, dec.dtype) if need_d else None),
+                None, None, None, None)
     # g_prod = dec^T-encode of grad_y; grad_dec = sum over tiles of prod x tiles(grad_y)^T, transposed
     g_prod, gdT = _encode(grad_y.to(cdt), dec.to(cdt).t(), n, p, Mt, Nt, wgrad_of=prod if need_d else None)
     if need_d:

@@ -130,11 +130,12 @@ def stl_apply(
     dec: torch.Tensor,
     tile,
     out_features: int | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """STL product of x (..., M, K) with an already-encoded weight w_hat (r, K/m, N/p).
+    """STL product of x (..., M, K) with an already-encoded weight w_hat (r, K/m, N/p) (+ bias).
 
     enc_x (r, n*m), dec (n*p, r); returns (..., M, out_features) (default N = p * w_hat.shape[2])
-    in x's dtype. Fast path: the ``strassenkit::stl_forward`` custom op (see
+    in x's dtype; ``bias`` (N,), if given, is added (the native kernels add it while writing y). Fast path: the ``strassenkit::stl_forward`` custom op (see
     :mod:`strassenkit.functional.ops`): one permute-copy + one matmul to encode straight into the
     (r, B*M/n, K/m) bmm layout, one bmm, one matmul + one permute-copy to decode, and a hand-written
     backward that keeps only x_hat and the core products. Works under torch.compile and export.
@@ -150,19 +151,34 @@ def stl_apply(
         raise ValueError(
             f"out_features must be an int in ({(Nt - 1) * p}, {Nt * p}] for w_hat with {Nt} column tiles of {p}, got {N!r}"
         )
+    if bias is not None:
+        _check_float("bias", bias)
+        _check_same_device(x, bias=bias)
+        if bias.shape != (N,):
+            raise ValueError(f"bias must have shape ({N},) (out_features), got {tuple(bias.shape)}")
     dev = x.device.type
     if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):  # meta has no autocast
         adt = torch.get_autocast_dtype(dev)
         x, w_hat, enc_x, dec = (t.to(adt) for t in (x, w_hat, enc_x, dec))
         with torch.autocast(dev, enabled=False):
-            return stl_apply(x, w_hat, enc_x, dec, (n, m, p), N)
+            return stl_apply(x, w_hat, enc_x, dec, (n, m, p), N, bias=None if bias is None else bias.to(adt))
     x3 = x.reshape(math.prod(lead), M, K)  # not -1: ambiguous when M == 0
     if x3.numel() == 0:  # no rows or K == 0: zeros, like x @ w; every operand gets a zero gradient of its shape
         link = sum(t.reshape(-1)[:0].sum() for t in (x, w_hat, enc_x, dec))  # exactly 0, never NaN
-        return x.new_zeros((*lead, M, N)) + link.to(x.dtype)
-    if _ops.flop_counting_active():  # FlopCounterMode cannot look inside a custom op
-        return _ops.stl_forward_plain(x3, w_hat, enc_x, dec, n, m, p, N).reshape(*lead, M, N)
-    y, _x_hat, _prod = _ops.stl_forward(x3, w_hat, enc_x, dec, n, m, p, N)
+        y = x.new_zeros((*lead, M, N)) + link.to(x.dtype)
+        return y if bias is None else y + bias.to(y.dtype)
+    operands = (w_hat, enc_x, dec) if bias is None else (w_hat, enc_x, dec, bias)
+    if _ops.plain_eager(x3, *operands):  # eager: the op's own functions without its dispatch (same values)
+        if not (torch.is_grad_enabled() and (x3.requires_grad or any(t.requires_grad for t in operands))):
+            return _ops.stl_infer(x3, w_hat, enc_x, dec, n, m, p, N, bias).reshape(*lead, M, N)
+        y = _ops.EagerSTL.apply(x3, w_hat, enc_x, dec, n, m, p, N)
+    elif _ops.flop_counting_active():  # FlopCounterMode cannot look inside a custom op
+        y = _ops.stl_forward_plain(x3, w_hat, enc_x, dec, n, m, p, N)
+        return (y if bias is None else y + bias.to(y.dtype)).reshape(*lead, M, N)
+    else:
+        y = _ops.stl_forward(x3, w_hat, enc_x, dec, n, m, p, N)[0]
+    if bias is not None:  # in place: y is the op's fresh output, which its backward does not need
+        y = y.add_(bias.to(y.dtype))
     return y.reshape(*lead, M, N)
 
 

@@ -198,13 +198,15 @@ class STLinear(nn.Module):
                 f"axis: tiles would mix rows of different samples. Pass (batch, seq, features), or build the layer "
                 f"with row_tile=1 (1 x t strips, which never mix rows)"
             )
-        for name in ("w_hat", "enc_x", "dec", "bias"):
-            t = getattr(self, name)
-            if t is not None and t.device != x.device:
-                hint = (" (a meta tensor has no values: the layer was built on the meta device, or loaded with "
-                        "load_state_dict(assign=True) without this key; call .to_empty(device=...) and load its "
-                        "weights)" if t.is_meta else f"; move the layer with .to({str(x.device)!r}) or the input")
-                raise ValueError(f"STLinear.{name} is on device {t.device} but the input x is on {x.device}{hint}")
+        w_hat, enc_x, dec, bias = self.w_hat, self.enc_x, self.dec, self.bias
+        dev = x.device
+        if w_hat.device != dev or enc_x.device != dev or dec.device != dev or (bias is not None and bias.device != dev):
+            for name, t in (("w_hat", w_hat), ("enc_x", enc_x), ("dec", dec), ("bias", bias)):
+                if t is not None and t.device != dev:
+                    hint = (" (a meta tensor has no values: the layer was built on the meta device, or loaded with "
+                            "load_state_dict(assign=True) without this key; call .to_empty(device=...) and load its "
+                            "weights)" if t.is_meta else f"; move the layer with .to({str(dev)!r}) or the input")
+                    raise ValueError(f"STLinear.{name} is on device {t.device} but the input x is on {dev}{hint}")
         if self.row_tile > 1:
             mask = current_row_mask()
             if mask is not None:  # padding rows must not share a tile with real rows (see nn.padding)
@@ -212,9 +214,9 @@ class STLinear(nn.Module):
         squeeze = x.dim() == 1
         if squeeze:
             x = x.unsqueeze(0)
-        y = stl_apply(x, self.w_hat, self.enc_x, self.dec, self.format, out_features=self.out_features)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)  # y is in x's dtype
+        y = stl_apply(x, w_hat, enc_x, dec, self.format, out_features=self.out_features, bias=bias)
         return y.squeeze(0) if squeeze else y
 
     # ---------------------------------------------------------------- the dense layer it replaced
