@@ -80,6 +80,11 @@ class _NoCudaDeviceGuard(TorchFunctionMode):
             self.redirected.append(name)
             if name == "__getitem__":
                 return _getitem(*args)
+            if name == "__setitem__":  # t[index] = value: copy into the view
+                t, index, value = args
+                value = value if isinstance(value, torch.Tensor) else torch.ops.aten.scalar_tensor.default(value, dtype=t.dtype, device=t.device)
+                torch.ops.aten.copy_.default(_getitem(t, index), value)
+                return None
             if name == "batch_norm":  # F.batch_norm(input, mean, var, weight, bias, training, momentum, eps)
                 b = inspect.signature(F.batch_norm).bind(*args, **kwargs)
                 b.apply_defaults()
@@ -279,3 +284,67 @@ def test_spn_layers_forward_backward_on_meta(phase):
         trainable = [p for p in layer.parameters() if p.requires_grad]
         assert trainable or (phase == "frozen" and isinstance(layer, SPNBilinear))  # frozen bilinear: nothing trains
         assert all(p.grad is not None and p.grad.is_meta for p in trainable)
+
+
+# --------------------------------------------------------------------------- calibration on the layer's device
+def test_calibration_statistics_and_solves_stay_on_the_layers_device(monkeypatch):
+    """calibrate_'s streamed statistics (TileStats) and every least-squares step (w_hat, D, E_x, product
+    scores of reduce_rank_) allocate on the device of their inputs: on fake CUDA no op creates a CPU
+    tensor. (The solve's host reads, the ridge scale and Cholesky's info flag, are replaced by a plain
+    solve here: fake tensors have no values.)"""
+    from strassenkit.surgery import calibrate as cal
+    from strassenkit.surgery import reduce_rank as rr
+
+    def solve(G, H, ridge, inplace=False):
+        return torch.linalg.solve(G + ridge * torch.eye(G.shape[0], dtype=G.dtype, device=G.device), H)
+
+    monkeypatch.setattr(cal, "_solve", solve)
+    monkeypatch.setattr(rr, "_solve", solve, raising=False)
+    n = t = 4
+    K, N, r = 24, 20, 7  # N not a multiple of t: two column groups
+    Kt = K // t
+    mode = FakeTensorMode()
+    with fake_cuda_trace(mode) as rec:
+        st = cal.TileStats.empty(K, N, n, t, torch.float32, device=CUDA)
+        assert st.C.device == CUDA
+        # S as streamed batches would leave it: one Gram per number of real rows in a tile
+        st.S = cal._Grams({4: torch.ops.aten.randn.default([n * t * Kt, n * t * Kt], dtype=torch.float32,
+                                                             device=CUDA),
+                           2: torch.ops.aten.randn.default([2 * t * Kt, 2 * t * Kt], dtype=torch.float32, device=CUDA)})
+        st.tiles = {4: 100, 2: 10}
+        W = torch.ops.aten.randn.default([N, K], dtype=torch.float64, device=CUDA)
+        st.set_dense_target(W)
+        enc = torch.ops.aten.randn.default([r, n * t], dtype=torch.float32, device=CUDA)
+        dec = torch.ops.aten.randn.default([n * t, r], dtype=torch.float32, device=CUDA)
+        w_hat = cal.fit_w_hat_stats(st, enc, dec, 1e-4)
+        dec2 = cal.fit_dec_stats(st, enc, w_hat, 1e-4)
+        enc2 = cal.fit_enc_x_stats(st, dec2, w_hat, 1e-4)
+        score = rr.product_scores(st, enc2, w_hat, dec2, 1e-4, "energy")
+        shared = st.copy_for_target()
+    for name, out in (("C", st.C), ("yy", st.yy), ("w_hat", w_hat), ("dec", dec2), ("enc_x", enc2), ("scores", score),
+                      ("shared C", shared.C)):
+        assert out.device == CUDA, f"{name} on {out.device}"
+    assert tuple(w_hat.shape) == (r, Kt, -(-N // t)) and tuple(dec2.shape) == (n * t, r) and tuple(enc2.shape) == (r, n * t)
+    rec.assert_clean()
+
+
+def test_calibration_keeps_the_statistics_where_the_layer_is(monkeypatch):
+    """The driver builds each layer's statistics on that layer's device (and the dense target there)."""
+    from torch import nn
+
+    import strassenkit as sk
+    from strassenkit.surgery import calibrate as cal
+
+    seen = []
+    real_empty = cal.TileStats.empty.__func__
+
+    def spy(cls, *a, device=None, **kw):
+        seen.append(device)
+        return real_empty(cls, *a, device=device, **kw)
+
+    monkeypatch.setattr(cal.TileStats, "empty", classmethod(spy))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    sk.strassenify_(model, sk.STLConfig(tile=4, rank=10), head=None)
+    sk.calibrate_(model, [torch.randn(4, 32, 16) for _ in range(2)], progress=False)
+    assert len(seen) == 2 and all(torch.device(d) == torch.device("cpu") for d in seen), seen

@@ -67,7 +67,7 @@ def test_dense_target_from_input_gram_equals_streamed_target(seed):
         b.add(x, None, m)  # inputs only
     b.set_dense_target(W)
     torch.testing.assert_close(b.C, a.C, rtol=1e-10, atol=1e-10)
-    assert b.yy == pytest.approx(a.yy, rel=1e-12)
+    assert float(b.yy) == pytest.approx(float(a.yy), rel=1e-12)
     # a second layer on the same inputs shares S and gets its own target
     W2 = torch.randn(5, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     c = TileStats.empty(10, 5, 4, 4, torch.float64, share_inputs=b).set_dense_target(W2)

@@ -348,21 +348,25 @@ class TileStats:
     last_cols: int
     S: dict = field(default_factory=dict)
     C: torch.Tensor | None = None
-    yy: float = 0.0
+    yy: float | torch.Tensor = 0.0  # a 0-dim float64 tensor on ``device`` once data was added (no host sync)
     tiles: dict = field(default_factory=dict)  # v -> number of tiles with v real rows
     dtype: torch.dtype = torch.float64
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # of S and C (the layer's device)
 
     @classmethod
     def empty(cls, in_features: int, out_features: int, n: int, t: int, dtype=torch.float64,
-              share_inputs: "TileStats | None" = None) -> "TileStats":
+              share_inputs: "TileStats | None" = None, device=None) -> "TileStats":
         """Empty statistics for an (in_features -> out_features) layer with <n,t,t> tiles.
 
         ``share_inputs``: another layer's statistics over the same inputs; its ``S`` (and tile counts) are
         shared, and :meth:`add` of this one then accumulates only ``C`` and ``yy`` (pass ``inputs_shared=True``).
+        ``device``: where the sums live (default CPU; :func:`calibrate_` uses the layer's device), batches
+        added must be on it.
         """
         Kt, Nt = math.ceil(in_features / t), math.ceil(out_features / t)
-        st = cls(n, t, Kt, Nt, out_features - (Nt - 1) * t, S=_Grams(), dtype=dtype)
-        st.C = torch.zeros(n * t * Kt, n * t * Nt, dtype=dtype)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        st = cls(n, t, Kt, Nt, out_features - (Nt - 1) * t, S=_Grams(), dtype=dtype, device=device)
+        st.C = torch.zeros(n * t * Kt, n * t * Nt, dtype=dtype, device=device)
         if share_inputs is not None:
             if (share_inputs.n, share_inputs.t, share_inputs.Kt) != (n, t, Kt):
                 raise ValueError("share_inputs must have the same tile format and input size")
@@ -384,7 +388,7 @@ class TileStats:
         if d.Yt is not None:
             Y = d.Yt.to(self.dtype).reshape(A, nt * Nt)
             self.C.addmm_(X.T, Y)
-            self.yy += float(d.Yt.double().pow(2).sum())
+            self.yy = self.yy + d.Yt.double().pow(2).sum()
         if inputs_shared:
             return
         if not isinstance(self.S, _Grams):
@@ -392,7 +396,7 @@ class TileStats:
         for v, idx in _groups(d):
             Xv = X[idx, : v * self.t * Kt] if len(idx) < A else X[:, : v * self.t * Kt]
             if v not in self.S:
-                dict.__setitem__(self.S, v, torch.zeros(Xv.shape[1], Xv.shape[1], dtype=self.dtype))
+                dict.__setitem__(self.S, v, torch.zeros(Xv.shape[1], Xv.shape[1], dtype=self.dtype, device=Xv.device))
             if _syrk_(dict.__getitem__(self.S, v), Xv):
                 self.S.stale.add(v)
             self.tiles[v] = self.tiles.get(v, 0) + len(idx)
@@ -422,11 +426,11 @@ class TileStats:
         N, K = weight.shape
         if math.ceil(K / t) != Kt or math.ceil(N / t) != Nt:
             raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit statistics with Kt={Kt}, Nt={Nt}")
-        Wp = F.pad(weight.to(self.dtype), (0, Kt * t - K, 0, Nt * t - N))  # (Nt t, Kt t)
+        Wp = F.pad(weight.to(self.device, self.dtype), (0, Kt * t - K, 0, Nt * t - N))  # (Nt t, Kt t)
         W4 = Wp.reshape(Nt, t, Kt, t).permute(2, 3, 0, 1)  # [c', k', b, k]
-        C = torch.zeros(n * t, Kt, n, t, Nt, dtype=self.dtype)
+        C = torch.zeros(n * t, Kt, n, t, Nt, dtype=self.dtype, device=self.device)
         Wm = W4.permute(1, 0, 3, 2).reshape(t * Kt, t * Nt)  # [(k',c'), (k,b)]
-        ssum = torch.zeros(t * Kt, t * Kt, dtype=self.dtype)
+        ssum = torch.zeros(t * Kt, t * Kt, dtype=self.dtype, device=self.device)
         for v, S in self.S.items():
             vt = v * t
             S5 = S.view(vt, Kt, v, t, Kt)  # [j, c, i, k', c']
@@ -435,7 +439,7 @@ class TileStats:
             for i in range(v):
                 ssum += S6[i, :, :, i].reshape(t * Kt, t * Kt)
         self.C = C.reshape(n * t * Kt, n * t * Nt)
-        self.yy = float((Wm.double() * (ssum @ Wm).double()).sum())
+        self.yy = (Wm.double() * (ssum @ Wm).double()).sum()
         return self
 
     @classmethod
@@ -447,7 +451,7 @@ class TileStats:
     def copy_for_target(self) -> "TileStats":
         """Empty target sums (C, yy) over the same inputs (S shared): for another layer reading this input."""
         st = TileStats(self.n, self.t, self.Kt, self.Nt, self.last_cols, self.S, torch.zeros_like(self.C), 0.0,
-                       self.tiles, self.dtype)
+                       self.tiles, self.dtype, self.device)
         return st
 
 
@@ -486,7 +490,7 @@ def _w_normal(st: TileStats, enc_x, dec):
     r, Kt, t = enc_x.shape[0], st.Kt, st.t
     E = enc_x.to(st.dtype)
     groups = _stats_col_groups(st)
-    Gs = [torch.zeros(r * Kt, r * Kt, dtype=st.dtype) for _ in groups]
+    Gs = [torch.zeros(r * Kt, r * Kt, dtype=st.dtype, device=E.device) for _ in groups]
     views = [G.view(r, Kt, r, Kt) for G in Gs]
     chunk = max(1, min(r, 8))
     for v in sorted(st.S):
@@ -522,8 +526,8 @@ def _normal_error(st: TileStats, Gs, H, w_hat) -> tuple[float, float]:
     """(relative error, SQNR dB) of w_hat from the normal equations it was fitted with."""
     w = w_hat.to(st.dtype).reshape(-1, st.Nt)
     quad = sum(float((w[:, cols].double() * (G @ w[:, cols]).double()).sum()) for G, cols in Gs)
-    num = max(st.yy - 2 * float((w.double() * H.double()).sum()) + quad, 0.0)
-    den = st.yy
+    den = float(st.yy)
+    num = max(den - 2 * float((w.double() * H.double()).sum()) + quad, 0.0)
     rel = math.sqrt(num / den) if den > 0 else float("nan")
     sqnr = 10 * math.log10(den / num) if num > 0 else float("inf")
     return rel, sqnr
@@ -541,7 +545,7 @@ def fit_w_hat_stats(st: TileStats, enc_x: torch.Tensor, dec: torch.Tensor, ridge
     Gs, H = _w_normal(st, enc_x, dec)
     if errors is not None and w_old is not None:
         errors.append(_normal_error(st, Gs, H, w_old))
-    out = torch.empty(r * Kt, st.Nt, dtype=st.dtype)
+    out = torch.empty(r * Kt, st.Nt, dtype=st.dtype, device=H.device)
     for G, cols in Gs:
         out[:, cols] = _solve_dtype(G, H[:, cols], ridge, solve_dtype, keep=errors is not None).to(st.dtype)
     out = out.reshape(r, Kt, st.Nt)
@@ -579,7 +583,7 @@ def fit_dec_stats(st: TileStats, enc_x: torch.Tensor, w_hat: torch.Tensor, ridge
             GD[g][v] = torch.stack([(M[l] * W2[l]).sum((0, 2)) for l in range(r)])
         del M
     T2 = _cross(st, enc_x)  # (r, Kt, e, Nt)
-    dec_out = torch.zeros(n * t, r, dtype=st.dtype)
+    dec_out = torch.zeros(n * t, r, dtype=st.dtype, device=T2.device)
     for g, (ks, bs) in enumerate(kgroups):
         HD = torch.einsum("lceb,lcb->el", T2[..., bs], w[:, :, bs])  # (n*t, r)
         for i in range(n):
@@ -597,7 +601,7 @@ def fit_enc_x_stats(st: TileStats, dec: torch.Tensor, w_hat: torch.Tensor, ridge
     """:func:`fit_enc_x` ("gram" method) from statistics."""
     r, Kt, nt = w_hat.shape[0], st.Kt, st.n * st.t
     w = w_hat.to(st.dtype)
-    G = torch.zeros(r, nt, r, nt, dtype=st.dtype)
+    G = torch.zeros(r, nt, r, nt, dtype=st.dtype, device=w.device)
     for cols, kv in _stats_col_groups(st):
         wc = w[:, :, cols].reshape(r * Kt, -1)
         WW = (wc @ wc.T).view(r, Kt, r, Kt)
@@ -764,14 +768,14 @@ def _dense_weight(name: str, layer: STLinear, reference: nn.Module | None) -> to
         if w is None or tuple(w.shape) != (layer.out_features, layer.in_features):
             raise ValueError(f"calibrate_: reference {name!r} must be an nn.Linear({layer.in_features}, "
                              f"{layer.out_features}), got {ref!r}")
-        return w.detach().to("cpu", torch.float64)
+        return w.detach().to(layer.w_hat.device, torch.float64)
     w = getattr(layer, "dense_weight", None)
     if w is None:
         raise ValueError(
             f"calibrate_: {name} has no dense_weight buffer and no reference model was given. Pass reference=<the "
             f"dense model before conversion>, or convert with strassenify_(..., STLConfig(keep_dense_weight=True))"
         )
-    return w.detach().to("cpu", torch.float64)
+    return w.detach().to(layer.w_hat.device, torch.float64)
 
 
 def _as_list(batches, what):
@@ -1009,10 +1013,10 @@ def _stream_stats(model, groups, batches, weights, dtype, what, reference=None, 
     for g in groups:
         lead = g[0][0]
         L = layers[lead]
-        stats[lead] = TileStats.empty(L.in_features, L.out_features, L.row_tile, L.tile, dtype)
+        stats[lead] = TileStats.empty(L.in_features, L.out_features, L.row_tile, L.tile, dtype, device=L.w_hat.device)
         for n, m in g[1:]:
             stats[n] = TileStats.empty(m.in_features, m.out_features, m.row_tile, m.tile, dtype,
-                                       share_inputs=stats[lead])
+                                       share_inputs=stats[lead], device=m.w_hat.device)
     Wd = {n: weights[n].to(dtype) for n in names}
     ref_out: dict[str, torch.Tensor] = {}
     state = {"batch": 0, "x": {}, "nonzero": {g[0][0]: False for g in groups}}
@@ -1032,8 +1036,8 @@ def _stream_stats(model, groups, batches, weights, dtype, what, reference=None, 
             elif lead not in state["x"] or not _same_input(state["x"][lead], x):
                 raise _GroupMismatch(name)
             rm = current_row_mask()
-            m = rm.mask.cpu() if rm is not None and rm.matches(x) else None
-            xc = x.detach().to("cpu", dtype)
+            m = rm.mask if rm is not None and rm.matches(x) else None
+            xc = x.detach().to(stats[name].device, dtype)  # the statistics live on the layer's device
             if target == "reference":
                 y = ref_out.pop(name, None)
                 if y is None or y.shape[:-1] != x.shape[:-1]:
@@ -1058,8 +1062,9 @@ def _stream_stats(model, groups, batches, weights, dtype, what, reference=None, 
             def hook(module, args, output):
                 out = output[0] if isinstance(output, tuple) else output
                 b = getattr(module, "bias", None)
-                out = out.detach().to("cpu", dtype)
-                ref_out[name] = out - b.detach().to("cpu", dtype) if b is not None else out
+                dev = stats[name].device
+                out = out.detach().to(dev, dtype)
+                ref_out[name] = out - b.detach().to(dev, dtype) if b is not None else out
                 if stop and name == last:
                     raise _Stop
 
@@ -1228,7 +1233,7 @@ def _calibrate_data(model, stl, batches, weights, reference, alternate, sequenti
                 xs = _record(model, [name], batches, stop_after=name, masks=rec_masks)[name]
                 ms = rec_masks.get(name)
             _check_inputs(name, layer, xs, "batch")
-            W = weights[name]
+            W = weights[name].cpu()  # the reference driver works in float64 on the CPU
             ys = [x @ W.T for x in xs]
             d = TileData.from_activations(xs, ys, layer.row_tile, layer.tile, ms)
             equations, unknowns = int(d.valid.sum()) * layer.tile, layer.rank * d.Xt.shape[2]
@@ -1300,7 +1305,7 @@ def _fit_layer(name, layer, st, hst, alternate, fit_enc, ridge):
     D and E_x steps of a round (err of the new D, E_x with the previous w_hat).
     """
     dt = st.dtype
-    enc_x, dec, w_hat = (p.detach().cpu().to(dt) for p in (layer.enc_x, layer.dec, layer.w_hat))
+    enc_x, dec, w_hat = (p.detach().to(st.device, dt) for p in (layer.enc_x, layer.dec, layer.w_hat))
     hb = stats_error(hst, enc_x, w_hat, dec)[0] if hst is not None else None
     errs: list = []
     w_hat = fit_w_hat_stats(st, enc_x, dec, ridge, w_old=w_hat, errors=errs)

@@ -161,7 +161,8 @@ def solve_budget(errors: list[list[float]], costs: list[list[float]], cap: float
 def _layer_cost(layer: nn.Module, K: int, rows: int, tiles: int, n: int) -> tuple[float, int]:
     """(MACs on the data, parameters) of ``layer`` (strassenkit.cost on one row tile, times the row tiles)."""
     with torch.no_grad():
-        rep = _cost.count(layer, torch.zeros(1, n, K, dtype=_dtype_of(layer)))
+        p = next(layer.parameters(), None)
+        rep = _cost.count(layer, torch.zeros(1, n, K, dtype=_dtype_of(layer), device=p.device if p is not None else None))
     c = rep.layers[0]
     macs = c.macs * (tiles if isinstance(layer, STLinear) else rows / n)
     return float(macs), int(c.params)
@@ -173,13 +174,18 @@ def _dtype_of(layer):
 
 
 def _time_layer(layer: nn.Module, K: int, shape=(8, 128), repeats: int = 5) -> float:
-    x = torch.randn(*shape, K, dtype=_dtype_of(layer))
+    p = next(layer.parameters(), None)
+    dev = p.device if p is not None else torch.device("cpu")
+    x = torch.randn(*shape, K, dtype=_dtype_of(layer), device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)  # GPU kernels run asynchronously
     with torch.no_grad():
         layer(x)
         ts = []
         for _ in range(repeats):
+            sync()
             t0 = time.perf_counter()
             layer(x)
+            sync()
             ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
 

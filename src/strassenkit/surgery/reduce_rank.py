@@ -105,7 +105,7 @@ def product_scores(st, enc_x, w_hat, dec, ridge: float, criterion: str, rng: ran
         return torch.tensor([rng.random() for _ in range(r)], dtype=torch.float64)
     Gs, H = _w_normal(st, enc_x, dec)
     w = w_hat.to(st.dtype).reshape(r * Kt, st.Nt)
-    score = torch.zeros(r, dtype=torch.float64)
+    score = torch.zeros(r, dtype=torch.float64, device=H.device)
     for G, cols in Gs:
         wc = w[:, cols]
         if criterion == "energy":
@@ -115,7 +115,7 @@ def product_scores(st, enc_x, w_hat, dec, ridge: float, criterion: str, rng: ran
             score += ((wl * Gw).sum((1, 2)) - 2 * (wl * grad).sum((1, 2))).double()
         elif criterion == "obs":
             lam = ridge * float(torch.diagonal(G).mean())
-            A = G.double() + lam * torch.eye(G.shape[0], dtype=torch.float64)
+            A = G.double() + lam * torch.eye(G.shape[0], dtype=torch.float64, device=G.device)
             L, info = torch.linalg.cholesky_ex(A)
             Ginv = torch.cholesky_inverse(L) if int(info) == 0 else torch.linalg.pinv(A, hermitian=True)
             del A, L
@@ -279,7 +279,7 @@ def reduce_rank_(
                 stats = _stats_for(model, [group], batches, weights, dt, "batch", reference, target)
                 for name, layer in group:
                     ranks = schedules[name] if stage is None else schedules[name][stage:stage + 1]
-                    enc_x, dec, w_hat = (p.detach().cpu().to(dt) for p in (layer.enc_x, layer.dec, layer.w_hat))
+                    enc_x, dec, w_hat = (p.detach().to(stats[name].device, dt) for p in (layer.enc_x, layer.dec, layer.w_hat))
                     enc_x, dec, w_hat, errs, dropped, crit, kept = _reduce_factors(
                         stats[name], enc_x, dec, w_hat, ranks, ridge, alternate, criterion, obs_limit, rng,
                         fit_first=(stage is None or stage == 0))
