@@ -23,7 +23,8 @@ from strassenkit.nn import SPNConv2d, SPNModule
 
 __all__ = ["COMMAND", "mean_std", "fmt_ms", "group_runs", "finish", "train_classifier", "accuracy", "forward_times",
            "n_params", "write_runs", "read_runs", "config_of", "merge_runs", "available_inits", "model_bits",
-           "arithmetic_costs"]
+           "arithmetic_costs", "add_budget_argument", "apply_budget", "budget_defaults", "compare", "verdict_line",
+           "PENDING", "estimate_step_seconds", "fmt_minutes"]
 
 #: the command line that launched the experiment (set by ``run.main``; written into runs.json's meta)
 COMMAND: str | None = None
@@ -148,3 +149,79 @@ def arithmetic_costs(model, x, exclude: tuple[str, ...] = ()) -> dict:
             out["conv_adds"] += r.adds
             out["conv_dense_macs"] += r.dense_macs
     return out
+
+
+# ---------------------------------------------------------------- budgets (named presets of options)
+def add_budget_argument(p, presets: dict[str, dict], default: str) -> None:
+    """``--budget NAME``: fills every option left at None from ``presets[NAME]`` (explicit options win)."""
+    lines = "; ".join(f"{k}: " + ", ".join(f"{o}={v}" for o, v in sorted(d.items())) for k, d in presets.items())
+    p.add_argument("--budget", choices=list(presets), default=default,
+                   help=f"named preset of the options left unset (default {default}). {lines}")
+
+
+def apply_budget(args, presets: dict[str, dict]) -> None:
+    """Fill the options of ``args`` that are None from the preset ``args.budget`` (lists are copied)."""
+    for k, v in presets[args.budget].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, list(v) if isinstance(v, (list, tuple)) else v)
+
+
+def budget_defaults(presets: dict[str, dict], config: dict, legacy: str = "small") -> dict:
+    """The preset values a recorded ``config`` was built from (configs written before presets: ``legacy``)."""
+    return dict(presets.get(config.get("budget") or legacy, {}))
+
+
+# ---------------------------------------------------------------- claim verdicts from the records
+PENDING = "pending"
+
+
+def compare(a, b) -> tuple[float, float, int, int]:
+    """(mean(a) - mean(b), standard error of that difference, len(a), len(b)); se is nan with < 2 values on a side."""
+    a, b = [float(v) for v in a], [float(v) for v in b]
+    if not a or not b:
+        return float("nan"), float("nan"), len(a), len(b)
+    ma, sa = mean_std(a)
+    mb, sb = mean_std(b)
+    se = (sa ** 2 / len(a) + sb ** 2 / len(b)) ** 0.5 if len(a) > 1 and len(b) > 1 else float("nan")
+    return ma - mb, se, len(a), len(b)
+
+
+def verdict_line(claim: str, a, b, *, kind: str, margin: float, higher_is_better: bool = True,
+                 unit: str = "", digits: int = 4, min_seeds: int = 2) -> tuple[str, str]:
+    """One-line verdict of ``claim`` comparing the values ``a`` (the claim's subject) with ``b`` (the reference).
+
+    ``kind="at_least"``: "a matches or beats b": confirmed if the mean gap a - b is above -margin; refuted if even
+    a - b + 2 se is below -margin; inconclusive otherwise. ``kind="better"``: "a beats b": confirmed if
+    a - b - 2 se > 0; refuted if a - b + 2 se < margin (no gain of at least ``margin`` is plausible); inconclusive
+    otherwise. ``higher_is_better=False`` (perplexity, bits/char) flips the sign. Fewer than ``min_seeds`` records
+    on a side give "pending". Returns (verdict, line).
+    """
+    sign = 1.0 if higher_is_better else -1.0
+    d, se, na, nb = compare([sign * v for v in a], [sign * v for v in b])
+    if na < min_seeds or nb < min_seeds:
+        return PENDING, (f"- **{PENDING}**: {claim} (records: {na} vs {nb} seeds; needs >= {min_seeds} each).")
+    if kind == "at_least":
+        verdict = "confirmed" if d >= -margin else ("refuted" if d + 2 * se < -margin else "inconclusive")
+    elif kind == "better":
+        verdict = "confirmed" if d - 2 * se > 0 else ("refuted" if d + 2 * se < margin else "inconclusive")
+    else:
+        raise ValueError(f"kind must be 'at_least' or 'better', got {kind!r}")
+    ma, mb = mean_std(a)[0], mean_std(b)[0]
+    return verdict, (f"- **{verdict} at this scale**: {claim}: {ma:.{digits}f} vs {mb:.{digits}f}{unit} "
+                     f"(difference {sign * d:+.{digits}f}, 2 se {2 * se:.{digits}f}, margin {margin:g}; "
+                     f"{na} vs {nb} seeds).")
+
+
+# ---------------------------------------------------------------- wall-time estimates
+def estimate_step_seconds(step: Callable[[], None], steps: int, warmup: int = 3) -> float:
+    """Median-free estimate: mean seconds of ``steps`` calls of ``step()`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t0) / max(1, steps)
+
+
+def fmt_minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"

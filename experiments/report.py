@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from . import charlm, minilm, spn_cnn, vit
-from .common import group_runs, mean_std
+from .common import budget_defaults, group_runs, mean_std
 
 COMMAND = "python experiments/run.py"
 MODULES = {"vit": vit, "spn_cnn": spn_cnn, "charlm": charlm, "minilm": minilm}
@@ -38,12 +38,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def command_from_config(name: str, config: dict) -> str:
     """The ``python experiments/run.py NAME ...`` command line that reproduces ``config`` (non-default options only)."""
+    module = MODULES[name]
     parser = argparse.ArgumentParser()
-    MODULES[name].add_arguments(parser)
+    module.add_arguments(parser)
+    defaults = {a.dest: a.default for a in parser._actions}
+    presets = getattr(module, "PRESETS", None)
+    if presets:  # options filled from a --budget preset; configs written before presets were the "small" budget
+        config = {"budget": "small", **config}
+        defaults.update(budget_defaults(presets, config))
     parts = [f"{COMMAND} {name}"]
     for action in parser._actions:
         key = action.dest
-        if key == "help" or key not in config or config[key] == action.default:
+        if key == "help" or key not in config or config[key] == defaults.get(key):
             continue
         flag = action.option_strings[0]
         val = config[key]

@@ -2,10 +2,12 @@
 
 Layout (input (B, 1, 28, 28) or (B, 28, 28) -> logits (B, classes)):
 stem conv 3x3 stride 2 (C_in -> c, always dense: one input channel) -> BN -> ReLU (14x14)
--> residual block (two factory convs c -> c)
+-> ``blocks`` residual blocks (each two factory convs c -> c, BN, identity shortcut)
 -> factory conv c -> 2c stride 2 -> BN -> ReLU (7x7)
--> residual block (two factory convs 2c -> 2c)
+-> ``blocks`` residual blocks (2c -> 2c)
 -> global average pool -> head (factory linear 2c -> classes).
+With ``blocks=1`` (the default) the module names are ``block1``/``block2`` as before; with more, ``block1``
+and ``block2`` are nn.Sequential stacks of blocks.
 """
 
 from __future__ import annotations
@@ -41,17 +43,23 @@ class _Block(nn.Module):
 
 class ResNetSmall(nn.Module):
     def __init__(self, width: int = 8, in_chans: int = 1, num_classes: int = 10,
-                 make_conv: ConvFactory = dense_conv, make_linear=dense_linear):
+                 make_conv: ConvFactory = dense_conv, make_linear=dense_linear, blocks: int = 1):
         super().__init__()
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}")
+        if not isinstance(blocks, int) or blocks < 1:
+            raise ValueError(f"blocks must be an integer >= 1, got {blocks!r}")
         c = width
         self.in_chans = in_chans
         self.stem = nn.Sequential(nn.Conv2d(in_chans, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
-        self.block1 = _Block(c, make_conv)
+
+        def stage(ch):
+            return _Block(ch, make_conv) if blocks == 1 else nn.Sequential(*(_Block(ch, make_conv) for _ in range(blocks)))
+
+        self.block1 = stage(c)
         self.down = make_conv(c, 2 * c, 2)
         self.down_bn = nn.BatchNorm2d(2 * c)
-        self.block2 = _Block(2 * c, make_conv)
+        self.block2 = stage(2 * c)
         self.head = make_linear(2 * c, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,17 +23,25 @@ __all__ = ["train_classifier", "accuracy", "forward_times"]
 def train_classifier(model, x, y, *, epochs: int, batch_size: int, lr: float, seed: int, desc: str,
                      weight_decay: float = 0.05, teacher=None, kd_loss: Callable | None = None,
                      augment: Callable | None = None, clip: float = 1.0,
-                     on_step: Callable[[int, int], None] | None = None, pct_start: float = 0.15) -> float:
+                     on_step: Callable[[int, int], None] | None = None, pct_start: float = 0.15,
+                     param_groups: list[dict] | None = None) -> float:
     """AdamW + one-cycle schedule; returns the wall-clock training seconds.
 
     ``teacher``/``kd_loss``: if given, the loss is ``kd_loss(student_logits, teacher_logits, labels)``.
     ``on_step(step, total_steps)`` is called before every step (e.g. to switch training phases).
+    ``param_groups``: optional ``[{"params": [...], "lr_scale": float}, ...]`` covering the parameters to
+    train; each group's peak learning rate is ``lr * lr_scale`` (default: one group, every parameter).
     """
     g = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    groups = param_groups if param_groups is not None else [{"params": list(model.parameters())}]
+    groups = [{"params": [p for p in grp["params"] if p.requires_grad], "lr": lr * float(grp.get("lr_scale", 1.0))}
+              for grp in groups]
+    groups = [grp for grp in groups if grp["params"]]
+    params = [p for grp in groups for p in grp["params"]]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(x) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=pct_start)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[grp["lr"] for grp in groups], total_steps=steps,
+                                                pct_start=pct_start)
     model.train()
     if teacher is not None:
         teacher.eval()
