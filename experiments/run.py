@@ -1,13 +1,13 @@
 """``python experiments/run.py NAME [options]``: run one paper experiment or build the report.
 
 NAME is one of
-- vit, spn_cnn, charlm, minilm: each writes results/NAME/runs.json and PNG plots;
+- vit, spn_cnn, charlm, wordlm, minilm: each writes results/NAME/runs.json and PNG plots;
 - approx: the tile-approximation study (results/approx/summary.json, approx.png, README.md);
 - rediscover: learn ternary rank-7 2x2 matmul SPNs and verify them exactly (results/rediscover/summary.json);
 - report: gather every table and plot of vit, spn_cnn, charlm, minilm into results/REPORT.md.
 
 ``--quick`` gives a minutes-long smoke run; ``--plot-only [--out DIR]`` redraws the plots of an existing
-runs.json without training (vit, spn_cnn, charlm, minilm); ``python experiments/run.py NAME --help`` lists
+runs.json without training (vit, spn_cnn, charlm, wordlm, minilm); ``python experiments/run.py NAME --help`` lists
 the options of one experiment. ``strassenkit experiment NAME [options]`` is the same command.
 """
 
@@ -44,6 +44,7 @@ EXPERIMENTS = {
     "vit": "STL ViT on Fashion-MNIST: dense vs STL inits vs low rank",
     "spn_cnn": "StrassenNets ternary CNN on Fashion-MNIST, budget sweep, KD",
     "charlm": "StrassenNets ternary char-level LM on Shakespeare",
+    "wordlm": "StrassenNets ternary character-aware word-level LM (Kim et al. 2016) on Shakespeare",
     "minilm": "all-MiniLM-L6-v2 to STL + distillation vs 2:4 pruning",
     "approx": "tile-approximation study: init families vs rank (t=4), tensor, Gaussian and real-tile errors",
     "rediscover": "learn ternary rank-7 2x2 matmul SPNs from 25 random inits; verify exactly",

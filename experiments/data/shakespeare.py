@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DEFAULT_VAL_WORKS", "find_shakespeare", "load_works", "CharCorpus", "load_char_corpus", "split_sentences"]
+__all__ = ["DEFAULT_VAL_WORKS", "find_shakespeare", "load_works", "CharCorpus", "load_char_corpus", "split_sentences",
+           "tokenize_words", "WordCorpus", "load_word_corpus", "UNK"]
 
 DEFAULT_VAL_WORKS = ("hamlet", "tempest", "sonnets")
 _INSTALL_HINT = (
@@ -134,3 +135,81 @@ def split_sentences(text: str, min_words: int = 4, max_words: int = 40) -> list[
             if min_words <= n <= max_words:
                 out.append(sent)
     return out
+
+
+# ---------------------------------------------------------------- word level (character-aware word LM)
+WORD_PATTERN = r"[a-z]+(?:'[a-z]+)*|[.,;:!?]"
+UNK = "<unk>"
+
+
+def tokenize_words(text: str) -> list[str]:
+    """Lower-cased words (inner apostrophes kept: "o'er", "ne'er") and the punctuation marks . , ; : ! ? as tokens."""
+    import re  # noqa: PLC0415
+
+    return re.findall(WORD_PATTERN, text.lower())
+
+
+@dataclass
+class WordCorpus:
+    """Word-level corpus whose inputs are spelled out in characters (Kim et al. 2016).
+
+    ``train``/``val``: int64 *type* ids (N,) of the tokens in order; ``chars`` (n_types, max_len): each type
+    spelled as character ids (0 = padding, 1 = begin of word, 2 = end of word, 3 = unknown character);
+    ``word_of_type`` (n_types,): the output word id of each type (``vocab`` index; out-of-vocabulary -> <unk>,
+    the last id). Every type of both splits keeps its own spelling, so an out-of-vocabulary input word is still
+    read character by character, while as a *target* it is <unk>.
+    """
+
+    train: torch.Tensor
+    val: torch.Tensor
+    chars: torch.Tensor
+    word_of_type: torch.Tensor
+    types: list[str]
+    vocab: list[str]
+    char_vocab: str
+    train_works: list[str]
+    val_works: list[str]
+
+    @property
+    def unk_rate_val(self) -> float:
+        return float((self.word_of_type[self.val] == len(self.vocab) - 1).float().mean())
+
+
+def load_word_corpus(root: str | os.PathLike | None = None, val_works=DEFAULT_VAL_WORKS, vocab_size: int = 10000,
+                     max_word_len: int = 19, train_tokens: int | None = None,
+                     val_tokens: int | None = None) -> WordCorpus:
+    """The works split as :func:`load_char_corpus` (training = every work not in ``val_works``), as word tokens.
+
+    The output vocabulary is the ``vocab_size - 1`` most frequent training tokens (ties by first occurrence)
+    plus <unk>; characters come from the training text; words are cut to ``max_word_len`` characters.
+    ``train_tokens``/``val_tokens`` truncate each split (None = all).
+    """
+    from collections import Counter  # noqa: PLC0415
+
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be >= 2 (words + <unk>), got {vocab_size}")
+    works = load_works(root)
+    val_works = list(val_works)
+    unknown = [w for w in val_works if w not in works]
+    if unknown:
+        raise ValueError(f"val_works {unknown} not among the works {sorted(works)}")
+    if not val_works or len(val_works) >= len(works):
+        raise ValueError(f"val_works must name at least one and fewer than all {len(works)} works")
+    train_names = [w for w in works if w not in val_works]
+    train_tok = [t for w in train_names for t in tokenize_words(works[w])][:train_tokens]
+    val_tok = [t for w in val_works for t in tokenize_words(works[w])][:val_tokens]
+    counts = Counter(train_tok)
+    vocab = [w for w, _ in counts.most_common(vocab_size - 1)] + [UNK]
+    word_id = {w: i for i, w in enumerate(vocab)}
+    types = list(dict.fromkeys(train_tok + val_tok))
+    type_id = {t: i for i, t in enumerate(types)}
+    char_vocab = "".join(sorted(set("".join(counts))))
+    char_id = {c: i + 4 for i, c in enumerate(char_vocab)}
+    chars = torch.zeros(len(types), max_word_len + 2, dtype=torch.int64)
+    for i, t in enumerate(types):
+        ids = [1] + [char_id.get(c, 3) for c in t[:max_word_len]] + [2]
+        chars[i, : len(ids)] = torch.tensor(ids)
+    word_of_type = torch.tensor([word_id.get(t, len(vocab) - 1) for t in types], dtype=torch.int64)
+    return WordCorpus(torch.tensor([type_id[t] for t in train_tok], dtype=torch.int64),
+                      torch.tensor([type_id[t] for t in val_tok], dtype=torch.int64),
+                      chars, word_of_type, types, vocab, char_vocab, train_names, val_works)

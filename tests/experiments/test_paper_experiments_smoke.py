@@ -198,4 +198,4 @@ def test_report_reconstructs_commands_and_marks_missing_runs(tmp_path):
     cfg = {"quick": True, "seeds": [0, 1], "steps": 250, "ratios": [0.5], "out": "results/charlm", "append": False}
     assert command_from_config("charlm", cfg) == "python experiments/run.py charlm --quick --seeds 0 1 --ratios 0.5"
     text = build_report(tmp_path)
-    assert text.count("_Not run yet") == 4
+    assert text.count("_Not run yet") == 7  # vit/full, vit, spn_cnn/full, spn_cnn, wordlm, charlm, minilm
