@@ -24,7 +24,7 @@ from strassenkit.nn import SPNConv2d, SPNModule
 __all__ = ["COMMAND", "mean_std", "fmt_ms", "group_runs", "finish", "train_classifier", "accuracy", "forward_times",
            "n_params", "write_runs", "read_runs", "config_of", "merge_runs", "available_inits", "model_bits",
            "arithmetic_costs", "add_budget_argument", "apply_budget", "budget_defaults", "compare", "verdict_line",
-           "PENDING", "estimate_step_seconds", "fmt_minutes"]
+           "PENDING", "estimate_step_seconds", "fmt_minutes", "save_progress"]
 
 #: the command line that launched the experiment (set by ``run.main``; written into runs.json's meta)
 COMMAND: str | None = None
@@ -64,6 +64,13 @@ def finish(args, records: list[dict], meta: dict, plot: Callable, table: Callabl
     return 0
 
 
+def save_progress(args, records: list[dict], meta: dict, key=("seed", "model")) -> Path:
+    """Write the runs finished so far (merged as ``finish`` does with --append), so a killed call keeps them."""
+    if args.append:
+        records, meta = merge_runs(args.out, records, meta, key=key)
+    return write_runs(args.out, records, {**meta, "in_progress": True})
+
+
 def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -101,7 +108,9 @@ def merge_runs(out_dir: str | Path, records: list[dict], meta: dict, key=("seed"
     old = json.loads(path.read_text())
     new_keys = {tuple(r[k] for k in key) for r in records}
     kept = [r for r in old["runs"] if tuple(r.get(k) for k in key) not in new_keys]
-    prev = old["meta"].get("previous_configs", []) + [old["meta"].get("config")]
+    prev = old["meta"].get("previous_configs", [])
+    if old["meta"].get("config") != meta.get("config"):  # a progress write of this same call adds no history
+        prev = prev + [old["meta"].get("config")]
     carried = {k: v for k, v in old["meta"].items() if k.startswith("legacy")}  # history of earlier pipelines
     return kept + records, {**carried, **meta, "previous_configs": prev, "previous_scale": old["meta"].get("scale")}
 

@@ -23,7 +23,7 @@ from strassenkit.nn import SPNConv2d, set_phase
 from strassenkit.train import distillation_loss
 
 from .common import (accuracy, add_budget_argument, apply_budget, arithmetic_costs, config_of, estimate_step_seconds,
-                     finish, fmt_minutes, fmt_ms, mean_std, model_bits, n_params, train_classifier)
+                     finish, fmt_minutes, fmt_ms, mean_std, model_bits, n_params, save_progress, train_classifier)
 from .models.cnn import ResNetSmall, dense_conv
 
 NAME = "spn_cnn"
@@ -190,6 +190,7 @@ def run(args) -> int:
         return estimate(args, kinds, x_tr, y_tr)
     kd = lambda s, t, y: distillation_loss(s, y, t, lam=args.kd_lambda, temperature=args.kd_temperature)  # noqa: E731
     records = []
+    progress = lambda: save_progress(args, records, {"config": config_of(args)}, key=("seed", "model", "kd"))  # noqa: E731
     for seed in args.seeds:
         teachers = {}
         for kind, use_kd in kinds:
@@ -203,6 +204,7 @@ def run(args) -> int:
                     _save_teacher(model, Path(args.work_dir) / f"teacher-dense-s{seed}-{_teacher_tag(args, len(x_tr))}.pt")
                 records.append(_record(model, kind, None, False, seed, secs, x_te, y_te, args))
                 print(f"  seed {seed} {kind} acc {records[-1]['test_accuracy']:.4f} ({secs:.0f}s)")
+                progress()
                 continue
             teacher = _teacher(args, seed, x_tr, y_tr, teachers) if use_kd else None
             set_phase(model, "full")
@@ -217,6 +219,7 @@ def run(args) -> int:
             set_phase(model, "ternary")
             records.append(_record(model, kind, kind.split("@")[1], use_kd, seed, secs, x_te, y_te, args))
             print(f"  seed {seed} {kind}{' KD' if use_kd else ''} acc {records[-1]['test_accuracy']:.4f} ({secs:.0f}s)")
+            progress()
     meta = {"config": config_of(args),
             "scale": f"Fashion-MNIST first {len(x_tr)} train images, {len(x_te)} test images; ResNetSmall width "
                      f"{args.width}/{2 * args.width}, {args.blocks} residual block(s) per stage (stem stride 2, 14x14 "

@@ -26,7 +26,8 @@ from strassenkit.algorithms import resolve
 from strassenkit.nn import STLinear
 
 from .common import (accuracy, add_budget_argument, apply_budget, available_inits, config_of, estimate_step_seconds,
-                     finish, fmt_minutes, fmt_ms, forward_times, group_runs, mean_std, n_params, train_classifier)
+                     finish, fmt_minutes, fmt_ms, forward_times, group_runs, mean_std, n_params, save_progress,
+                     train_classifier)
 from .models.lowrank import LowRankLinear, matched_rank
 
 NAME = "vit"
@@ -200,6 +201,7 @@ def run(args) -> int:
     if args.estimate is not None:
         return estimate(args, kinds, x_tr, y_tr, tokens)
     records = []
+    progress_meta = {"config": config_of(args), "kinds": kinds}
     for seed in args.seeds:
         models = {}
         for kind in kinds:
@@ -214,6 +216,7 @@ def run(args) -> int:
                    "epochs": args.epochs, "train_images": len(x_tr), **linear_costs(model, x_te[:2])}
             print(f"  seed {seed} {kind:16s} acc {rec['test_accuracy']:.4f}  train {secs:.0f}s")
             records.append(rec)
+            save_progress(args, records, progress_meta)  # every finished run is on disk
             models[kind] = model
         if "dense" not in models:  # forward time does not depend on the weights: an untrained reference
             models["dense"] = build("dense", args, seed, tokens)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from strassenkit.nn import SPNConv2d, SPNLinear, set_phase
 
 from .common import (add_budget_argument, apply_budget, arithmetic_costs, config_of, estimate_step_seconds, finish,
-                     fmt_minutes, fmt_ms, group_runs, mean_std, model_bits, n_params)
+                     fmt_minutes, fmt_ms, group_runs, mean_std, model_bits, n_params, save_progress)
 from .models.wordlm import CharAwareLM, dense_conv, dense_linear
 
 NAME = "wordlm"
@@ -242,6 +242,7 @@ def run(args) -> int:
                    "val_perplexity": ppl, "params": n_params(model), "model_bits": model_bits(model),
                    "train_seconds": secs, **costs_per_word(model, corpus)}
             records.append(rec)
+            save_progress(args, records, {"config": config_of(args)})  # every finished run is on disk
             print(f"  seed {seed} {kind}: held-out perplexity {ppl:.1f} ({secs:.0f}s)")
     meta = {"config": config_of(args), "unk_rate_val": corpus.unk_rate_val,
             "scale": f"char-aware LM (char dim {args.char_dim}, widths {args.widths} x {args.filters_per_width} w "

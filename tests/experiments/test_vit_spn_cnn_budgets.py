@@ -135,3 +135,18 @@ def test_verdicts_from_values():
     assert verdict_line("x", [0.90, 0.95, 0.85], [0.9, 0.901, 0.90], kind="better", margin=0.005)[0] == "inconclusive"
     v, line = verdict_line("ppl", [100, 101], [120, 121], kind="better", margin=1, higher_is_better=False, digits=1)
     assert v == "confirmed" and "100.5 vs 120.5" in line
+
+
+def test_progress_writes_keep_history_once(tmp_path):
+    from experiments.common import finish, read_runs, save_progress, write_runs
+
+    write_runs(tmp_path, [{"seed": 0, "model": "old"}], {"config": {"c": 0}})
+    args = argparse.Namespace(append=True, out=str(tmp_path))
+    save_progress(args, [{"seed": 0, "model": "a"}], {"config": {"c": 1}})
+    assert read_runs(tmp_path)["meta"]["in_progress"]
+    save_progress(args, [{"seed": 0, "model": "a"}, {"seed": 1, "model": "a"}], {"config": {"c": 1}})
+    finish(args, [{"seed": 0, "model": "a"}, {"seed": 1, "model": "a"}], {"config": {"c": 1}},
+           lambda r, o: None, lambda r: "")
+    data = read_runs(tmp_path)
+    assert sorted((r["seed"], r["model"]) for r in data["runs"]) == [(0, "a"), (0, "old"), (1, "a")]
+    assert data["meta"]["previous_configs"] == [{"c": 0}] and "in_progress" not in data["meta"]
