@@ -25,10 +25,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# THP_MEM_ALLOC_ENABLE=1: PyTorch's own switch for transparent huge pages on large CPU tensors; it
-# saves page faults for dense and STL alike (the STL kernels also request huge pages for their outputs).
+# A default process (no THP_MEM_ALLOC_ENABLE, glibc's allocator): what `import strassenkit` gives a user; the
+# STL kernels keep their own intermediates in a pool. The full bench (every shape set, whole models, per-call
+# cost; ~15 min) -> results/bench/bench.*, then the goal rows three times (~5 min) -> results/bench/goals.*.
 bench: $(STAMP)
-	THP_MEM_ALLOC_ENABLE=1 $(PY) -m strassenkit bench --kernels native --malloc default,retain
+	$(PY) -m strassenkit bench --kernels native --malloc default
+	$(PY) -m strassenkit bench --name goals --sets goals --kernels native,torch --malloc default --runs 3
 
 clean:
 	rm -rf $(VENV) .pytest_cache
