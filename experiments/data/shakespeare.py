@@ -87,14 +87,7 @@ def load_char_corpus(root: str | os.PathLike | None = None, val_works=DEFAULT_VA
     The vocabulary is built from the training text; validation characters absent from it are dropped
     (and counted in no metric). ``train_chars``/``val_chars`` truncate each split (None = all).
     """
-    works = load_works(root)
-    val_works = list(val_works)
-    unknown = [w for w in val_works if w not in works]
-    if unknown:
-        raise ValueError(f"val_works {unknown} not among the works {sorted(works)}")
-    if not val_works or len(val_works) >= len(works):
-        raise ValueError(f"val_works must name at least one and fewer than all {len(works)} works")
-    train_names = [w for w in works if w not in val_works]
+    works, train_names, val_works = _split_works(root, val_works)
     train_text = "\n\n".join(works[w] for w in train_names)
     val_text = "\n\n".join(works[w] for w in val_works)
     vocab = "".join(sorted(set(train_text)))
@@ -188,14 +181,7 @@ def load_word_corpus(root: str | os.PathLike | None = None, val_works=DEFAULT_VA
 
     if vocab_size < 2:
         raise ValueError(f"vocab_size must be >= 2 (words + <unk>), got {vocab_size}")
-    works = load_works(root)
-    val_works = list(val_works)
-    unknown = [w for w in val_works if w not in works]
-    if unknown:
-        raise ValueError(f"val_works {unknown} not among the works {sorted(works)}")
-    if not val_works or len(val_works) >= len(works):
-        raise ValueError(f"val_works must name at least one and fewer than all {len(works)} works")
-    train_names = [w for w in works if w not in val_works]
+    works, train_names, val_works = _split_works(root, val_works)
     train_tok = [t for w in train_names for t in tokenize_words(works[w])][:train_tokens]
     val_tok = [t for w in val_works for t in tokenize_words(works[w])][:val_tokens]
     counts = Counter(train_tok)
@@ -213,3 +199,15 @@ def load_word_corpus(root: str | os.PathLike | None = None, val_works=DEFAULT_VA
     return WordCorpus(torch.tensor([type_id[t] for t in train_tok], dtype=torch.int64),
                       torch.tensor([type_id[t] for t in val_tok], dtype=torch.int64),
                       chars, word_of_type, types, vocab, char_vocab, train_names, val_works)
+
+
+def _split_works(root, val_works):
+    """(works, training work names, validation work names) with val_works checked against the corpus."""
+    works = load_works(root)
+    val_works = list(val_works)
+    unknown = [w for w in val_works if w not in works]
+    if unknown:
+        raise ValueError(f"val_works {unknown} not among the works {sorted(works)}")
+    if not val_works or len(val_works) >= len(works):
+        raise ValueError(f"val_works must name at least one and fewer than all {len(works)} works")
+    return works, [w for w in works if w not in val_works], val_works
