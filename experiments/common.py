@@ -8,7 +8,10 @@ meta block (config, command, torch version, threads, scale).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -22,7 +25,7 @@ from strassenkit._models.training import accuracy, forward_times, train_classifi
 from strassenkit.nn import SPNConv2d, SPNModule
 
 __all__ = ["COMMAND", "mean_std", "fmt_ms", "group_runs", "finish", "train_classifier", "accuracy", "forward_times",
-           "n_params", "write_runs", "read_runs", "config_of", "merge_runs", "available_inits", "model_bits",
+           "n_params", "write_runs", "read_runs", "config_of", "merge_runs", "store_runs", "runs_lock", "available_inits", "model_bits",
            "arithmetic_costs", "add_budget_argument", "apply_budget", "budget_defaults", "compare", "verdict_line",
            "PENDING", "estimate_step_seconds", "fmt_minutes", "save_progress"]
 
@@ -55,9 +58,7 @@ def group_runs(records: list[dict], key: str = "model", dense_first: bool = Fals
 
 def finish(args, records: list[dict], meta: dict, plot: Callable, table: Callable, key=("seed", "model")) -> int:
     """Merge with earlier runs (``--append``), write runs.json, draw the plots, print the table."""
-    if args.append:
-        records, meta = merge_runs(args.out, records, meta, key=key)
-    path = write_runs(args.out, records, meta)
+    records, path = store_runs(args, records, meta, key=key)
     plot(records, Path(args.out))
     print(table(records))
     print(f"wrote {path}")
@@ -66,9 +67,29 @@ def finish(args, records: list[dict], meta: dict, plot: Callable, table: Callabl
 
 def save_progress(args, records: list[dict], meta: dict, key=("seed", "model")) -> Path:
     """Write the runs finished so far (merged as ``finish`` does with --append), so a killed call keeps them."""
-    if args.append:
-        records, meta = merge_runs(args.out, records, meta, key=key)
-    return write_runs(args.out, records, {**meta, "in_progress": True})
+    return store_runs(args, records, {**meta, "in_progress": True}, key=key)[1]
+
+
+@contextlib.contextmanager
+def runs_lock(out_dir: str | Path):
+    """An exclusive lock on ``out_dir/runs.json`` (two experiment calls with ``--append`` may run at once)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".runs.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def store_runs(args, records: list[dict], meta: dict, key=("seed", "model")) -> tuple[list[dict], Path]:
+    """Under the lock: merge into the current runs.json when ``args.append`` (re-read now, so records another
+    call wrote meanwhile are kept), then write. Returns all records written and the path."""
+    with runs_lock(args.out):
+        if args.append:
+            records, meta = merge_runs(args.out, records, meta, key=key)
+        return records, write_runs(args.out, records, meta)
 
 
 def n_params(model) -> int:
@@ -85,7 +106,9 @@ def write_runs(out_dir: str | Path, records: list[dict], meta: dict) -> Path:
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "written_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
     path = out / "runs.json"
-    path.write_text(json.dumps({"meta": meta, "runs": records}, indent=1, default=float))
+    tmp = path.with_suffix(".json.tmp")  # written whole, then renamed: a killed call never leaves half a file
+    tmp.write_text(json.dumps({"meta": meta, "runs": records}, indent=1, default=float))
+    os.replace(tmp, path)
     return path
 
 

@@ -47,8 +47,7 @@ import strassenkit as sk
 from strassenkit import cost
 from strassenkit.nn.stlinear import is_linear_like
 
-from .common import (available_inits, config_of, fmt_ms, group_runs, mean_std, merge_runs, read_runs,
-                     write_runs)
+from .common import available_inits, config_of, fmt_ms, group_runs, mean_std, read_runs, store_runs
 
 NAME = "minilm"
 HEADLINE = ["2:4", "lowrank@2.0", "lowrank@2.5", "stl-cal-r23", "stl-cal-r19"]
@@ -550,9 +549,7 @@ def _scale(args, n_eval) -> str:
 
 def _write(args, records, init, eval_sents):
     meta = {"config": config_of(args), "init": init, "scale": _scale(args, len(eval_sents))}
-    if args.append:
-        records, meta = merge_runs(args.out, records, meta)
-    return write_runs(args.out, records, meta)
+    return store_runs(args, records, meta)[1]
 
 
 # ---------------------------------------------------------------- diagnosis of the r=24 < r=16 anomaly

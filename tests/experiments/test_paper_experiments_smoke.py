@@ -9,7 +9,7 @@ from strassenkit.nn.phase import set_phase
 from strassenkit.nn.spn import SPNLinear
 
 from experiments import run as runner
-from experiments.common import arithmetic_costs, merge_runs, model_bits, write_runs
+from experiments.common import arithmetic_costs, merge_runs, model_bits, runs_lock, store_runs, write_runs
 from experiments.minilm import block_linears, fix_masks, lowrank, prune_24, spearman, unfix_masks
 
 
@@ -115,6 +115,24 @@ def test_merge_runs_replaces_same_seed_and_model(tmp_path):
     assert meta["previous_configs"] == [{"x": 1}]
     with pytest.raises(ValueError, match="seed"):
         write_runs(tmp_path, [{"model": "a"}], {})
+
+
+def test_store_runs_waits_for_the_lock_and_keeps_the_other_writers_records(tmp_path):
+    import threading
+    import types
+
+    args = types.SimpleNamespace(out=tmp_path, append=True)
+    store_runs(args, [{"seed": 0, "model": "a"}], {"config": {}})
+    done = threading.Event()
+    with runs_lock(tmp_path):  # another call is writing: this one must wait, then merge with what it wrote
+        t = threading.Thread(target=lambda: (store_runs(args, [{"seed": 0, "model": "b"}], {"config": {}}), done.set()))
+        t.start()
+        assert not done.wait(0.3)
+        write_runs(tmp_path, [{"seed": 0, "model": "a"}, {"seed": 0, "model": "c"}], {"config": {}})
+    t.join(10)
+    runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
+    assert sorted(r["model"] for r in runs) == ["a", "b", "c"]
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def _minilm_tokenizer_dir():
