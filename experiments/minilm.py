@@ -67,6 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=600, help="distillation steps")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--plan-sentences", type=int, default=500,
+                   help="calibration sentences the planner of plan@X measures candidates on (every k-th batch)")
+    p.add_argument("--plan-ranks", type=int, nargs="+", default=[12, 16, 19, 23, 28],
+                   help="STL t=4 ranks the planner of plan@X chooses from per layer (besides dense)")
     p.add_argument("--lw-steps", type=int, default=150, help="layer-wise steps of stl-lw (part of --steps)")
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--eval-sentences", type=int, default=200)
@@ -395,8 +399,11 @@ def convert(spec: str, teacher, calib, heldout, args, seed: int, init: str) -> t
         info.update(reduce_seconds=time.perf_counter() - t1, reduce_report=rep.to_dict() if hasattr(rep, "to_dict") else None)
     elif m["kind"] == "plan":
         t1 = time.perf_counter()
-        plan = sk.plan(teacher, calib, budget={"flop_reduction": m["factor"]}, init=init, seed=seed, progress=False)
-        info.update(plan_seconds=time.perf_counter() - t1, plan=plan.summary())
+        step = max(1, round(args.calib_sentences / max(1, args.plan_sentences)))
+        cands = [sk.STLConfig(tile=4, rank=r, init=init) for r in args.plan_ranks]
+        plan = sk.plan(teacher, calib[::step], budget={"flop_reduction": m["factor"]}, candidates=cands, init=init,
+                       seed=seed, ridge=args.calib_ridge, progress=False)
+        info.update(plan_seconds=time.perf_counter() - t1, plan=plan.summary(), plan_sentences=args.plan_sentences)
         student = copy.deepcopy(teacher)
         sk.strassenify_(student, plan.config())
         info["before_calibration"] = quality(student, args._teacher_emb, args._tok, args._eval, args.max_length)
@@ -439,7 +446,8 @@ def cached_convert(spec, teacher, calib, heldout, args, seed, init):
 def _run_hash(spec: str, seed: int, args) -> str:
     keys = ("init", "calib_sentences", "calib_alternate", "calib_ridge", "calib_target", "steps", "batch_size", "lr",
             "lw_steps", "max_length", "quick", "tag")
-    blob = json.dumps([spec, seed] + [getattr(args, k) for k in keys], default=str)
+    extra = [args.plan_sentences, args.plan_ranks] if spec.startswith("plan@") else []
+    blob = json.dumps([spec, seed] + [getattr(args, k) for k in keys] + extra, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:8]
 
 
