@@ -61,7 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", default="auto", help="STL init family (auto: als if registered, else random)")
     p.add_argument("--calib-sentences", type=int, default=2000)
     p.add_argument("--calib-alternate", type=int, default=0, help="extra alternating rounds in calibrate_")
-    p.add_argument("--calib-ridge", type=float, default=1e-4, help="relative ridge of calibrate_")
+    p.add_argument("--calib-ridge", type=float, nargs="+", default=[1e-4],
+                   help="relative ridge of calibrate_; several values: chosen per layer on the held-out calibration "
+                        "sentences (reduce_rank_ and the planner's measurements take the smallest)")
     p.add_argument("--calib-target", default="dense", choices=["dense", "reference"],
                    help="calibrate_ target: dense weight on the converted model's inputs, or the teacher's outputs")
     p.add_argument("--steps", type=int, default=600, help="distillation steps")
@@ -84,6 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only time calibrate_ of all 36 layers (stl-cal ranks of --methods) on --calib-sentences")
     p.add_argument("--diagnose", action="store_true",
                    help="only the calibration study behind the r=24 < r=16 anomaly (results/minilm/diagnosis.json)")
+    p.add_argument("--layer-errors", action="store_true",
+                   help="per-layer and per-block errors of --methods (converted, and distilled where the work dir has "
+                        "the run: pass the run's --lr/--tag/--calib-* flags) -> layer_errors.json")
     p.add_argument("--tag", default="", help="suffix of the record names (e.g. a learning-rate check)")
     p.add_argument("--out", default="results/minilm")
     p.add_argument("--append", action="store_true", help="merge into an existing runs.json")
@@ -349,6 +354,10 @@ def parse_method(spec: str) -> dict:
                      f"stl-none-r<R> or plan@X")
 
 
+def _min_ridge(args) -> float:
+    return min(args.calib_ridge) if isinstance(args.calib_ridge, tuple) else args.calib_ridge
+
+
 def _calibrate(student, teacher, calib, heldout, args) -> dict:
     t0 = time.perf_counter()
     rep = sk.calibrate_(student, calib, reference=teacher, alternate=args.calib_alternate, ridge=args.calib_ridge,
@@ -356,6 +365,7 @@ def _calibrate(student, teacher, calib, heldout, args) -> dict:
     errs = [c.rel_err_after for c in rep.layers]
     held = [c.rel_err_heldout_after for c in rep.layers if c.rel_err_heldout_after is not None]
     return {"calib_seconds": time.perf_counter() - t0, "calib_rel_error_mean": sum(errs) / len(errs),
+            **({"calib_ridge_chosen": {c.name: c.ridge for c in rep.layers}} if isinstance(args.calib_ridge, tuple) else {}),
             "calib_rel_error_heldout_mean": (sum(held) / len(held)) if held else None,
             "calib_layers": [{"name": c.name, "rank": c.rank, "rel_err_after": c.rel_err_after,
                               "rel_err_heldout_after": c.rel_err_heldout_after} for c in rep.layers]}
@@ -394,7 +404,7 @@ def convert(spec: str, teacher, calib, heldout, args, seed: int, init: str) -> t
         sk.strassenify_(student, sk.STLConfig(tile=4, rank=49, init="strassen_x_strassen"))
         info.update(rank=m["rank"], init="strassen_x_strassen")
         t1 = time.perf_counter()
-        rep = sk.reduce_rank_(student, calib, m["rank"], reference=teacher, ridge=args.calib_ridge, seed=seed,
+        rep = sk.reduce_rank_(student, calib, m["rank"], reference=teacher, ridge=_min_ridge(args), seed=seed,
                               progress=False)
         info.update(reduce_seconds=time.perf_counter() - t1, reduce_report=rep.to_dict() if hasattr(rep, "to_dict") else None)
     elif m["kind"] == "plan":
@@ -402,7 +412,7 @@ def convert(spec: str, teacher, calib, heldout, args, seed: int, init: str) -> t
         step = max(1, round(args.calib_sentences / max(1, args.plan_sentences)))
         cands = [sk.STLConfig(tile=4, rank=r, init=init) for r in args.plan_ranks]
         plan = sk.plan(teacher, calib[::step], budget={"flop_reduction": m["factor"]}, candidates=cands, init=init,
-                       seed=seed, ridge=args.calib_ridge, progress=False)
+                       seed=seed, ridge=_min_ridge(args), progress=False)
         info.update(plan_seconds=time.perf_counter() - t1, plan=plan.summary(), plan_sentences=args.plan_sentences)
         student = copy.deepcopy(teacher)
         sk.strassenify_(student, plan.config())
@@ -495,6 +505,8 @@ def run(args) -> int:
         args.lw_steps = 1
     for spec in args.methods:
         parse_method(spec)
+    if isinstance(args.calib_ridge, list):  # one value stays a float (as in the records and hashes before)
+        args.calib_ridge = args.calib_ridge[0] if len(args.calib_ridge) == 1 else tuple(sorted(args.calib_ridge))
     torch.set_num_threads(args.threads)
     with torch.enable_grad():  # load the native STL kernels outside no_grad (their self-check runs a backward)
         sk.STLinear(8, 8, rank=7)(torch.randn(1, 4, 8)).sum().backward()
@@ -510,6 +522,8 @@ def run(args) -> int:
         return bench_calibration(args, teacher, tok, train_sents, init)
     if args.diagnose:
         return diagnose(args, teacher, tok, train_sents, eval_sents, init)
+    if args.layer_errors:
+        return layer_errors(args, teacher, tok, eval_sents, init)
     args._tok, args._eval = tok, eval_sents
     args._teacher_emb = embed_all(teacher, tok, eval_sents, args.max_length)
     args._dense_cost = linear_macs(teacher, tok, eval_sents, args.max_length)
@@ -558,6 +572,122 @@ def _scale(args, n_eval) -> str:
 def _write(args, records, init, eval_sents):
     meta = {"config": config_of(args), "init": init, "scale": _scale(args, len(eval_sents))}
     return store_runs(args, records, meta)[1]
+
+
+# ---------------------------------------------------------------- where the error comes from
+_KINDS = {"attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
+          "attention.output.dense": "attn-out", "intermediate.dense": "ffn-in", "output.dense": "ffn-out"}
+
+
+def _kind_of(name: str) -> str:
+    return _KINDS.get(name.split(".", 3)[-1], name)
+
+
+def _students_for(spec: str, seed: int, teacher, args, init):
+    """(stage, student) pairs of ``spec``: the converted student (rebuilt for 2:4 and low rank, from the conversion
+    cache for STL) and, if ``--work-dir`` holds the finished run with these flags, the distilled one."""
+    from strassenkit.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    m = parse_method(spec)
+    masks = None
+    if m["kind"] == "2:4":
+        student, masks = prune_24(teacher)
+    elif m["kind"] == "lowrank":
+        student = lowrank(teacher, m["factor"])[0]
+    elif m["kind"] in ("stl-cal", "stl-lw", "stl-rr"):
+        kind = "stl-cal" if m["kind"] == "stl-lw" else m["kind"]
+        path = Path(args.work_dir) / f"converted-{kind}-r{m['rank']}-s{seed}-{_convert_hash(kind, seed, init, args)}.pt"
+        if not path.is_file():
+            print(f"  {spec} seed {seed}: no converted student {path} (run the method with the same --calib-* flags "
+                  f"first); skipped", flush=True)
+            return []
+        student = copy.deepcopy(teacher)
+        sk.strassenify_(student, sk.STLConfig(tile=4, rank=m["rank"], init="random"))
+        student.load_state_dict(torch.load(path, weights_only=False)["state"])
+    else:
+        raise ValueError(f"--layer-errors takes 2:4, lowrank@X and stl-cal/rr/lw-r<R>, not {spec!r}")
+    out = [("converted", student)]
+    work = Path(args.work_dir) / f"{spec.replace(':', '_').replace('@', '_')}-s{seed}-{_run_hash(spec, seed, args)}"
+    ckpt = latest_checkpoint(str(work))
+    if ckpt and ckpt.rstrip("/").endswith(f"step_{args.steps:08d}"):
+        done = copy.deepcopy(student)
+        if masks:
+            fix_masks(done, masks)
+        load_checkpoint(ckpt, Trimmed(done), restore_rng=False)
+        if masks:
+            unfix_masks(done, masks)
+        out.append(("distilled", done))
+    return out
+
+
+@torch.no_grad()
+def layer_errors(args, teacher, tok, eval_sents, init) -> int:
+    """Relative errors on the held-out evaluation sentences (real tokens only), per method and stage:
+
+    - per layer kind (mean over the 6 blocks): ||f(X) - X W^T|| / ||X W^T|| with X the teacher's input to that
+      layer (what conversion and calibration fit);
+    - per block: ||h_student - h_teacher|| / ||h_teacher|| of the hidden state after block i, each model running
+      on its own (how the layer errors accumulate through the network).
+    """
+    teacher.eval()
+    batches = length_batches(tok, eval_sents, args.max_length)
+    names = block_linears(teacher)
+    path = Path(args.out) / "layer_errors.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    seed = args.seeds[0]
+    for spec in args.methods:
+        label = f"{spec} {args.tag}".strip()
+        for stage, student in _students_for(spec, seed, teacher, args, init):
+            student.eval()
+            num = {n: 0.0 for n in names}
+            den = {n: 0.0 for n in names}
+            hnum, hden = None, None
+            for b in batches:
+                cap = {}
+                hooks = [teacher.get_submodule(n).register_forward_hook(
+                    lambda mod, inp, out, n=n: cap.__setitem__(n, (inp[0], out))) for n in names]
+                try:
+                    t_out = teacher(**b, output_hidden_states=True)
+                finally:
+                    for h in hooks:
+                        h.remove()
+                real = b["attention_mask"].bool()
+                with sk.row_mask(b["attention_mask"]):
+                    for n in names:
+                        x, y = cap[n]
+                        num[n] += float((student.get_submodule(n)(x) - y)[real].pow(2).sum())
+                        den[n] += float(y[real].pow(2).sum())
+                s_out = student(**b, output_hidden_states=True)
+                hs = [float((a - t)[real].pow(2).sum()) for a, t in zip(s_out.hidden_states[1:], t_out.hidden_states[1:])]
+                ht = [float(t[real].pow(2).sum()) for t in t_out.hidden_states[1:]]
+                hnum = hs if hnum is None else [u + v for u, v in zip(hnum, hs)]
+                hden = ht if hden is None else [u + v for u, v in zip(hden, ht)]
+            per_layer = {n: math.sqrt(num[n] / den[n]) for n in names}
+            by_kind: dict[str, list[float]] = {}
+            for n, e in per_layer.items():
+                by_kind.setdefault(_kind_of(n), []).append(e)
+            row = {"model": label, "seed": seed, "stage": stage, "sentences": len(eval_sents),
+                   "by_kind": {k: sum(v) / len(v) for k, v in by_kind.items()}, "per_layer": per_layer,
+                   "block_hidden": [math.sqrt(u / v) for u, v in zip(hnum, hden)],
+                   "written_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+            rows = [r for r in rows if (r["model"], r["seed"], r["stage"]) != (label, seed, stage)] + [row]
+            print(f"  {label} ({stage}): " + ", ".join(f"{k} {v:.3f}" for k, v in row["by_kind"].items())
+                  + " | hidden after blocks " + " ".join(f"{e:.3f}" for e in row["block_hidden"]), flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1))
+    print(layer_error_table(rows))
+    print(f"wrote {path}")
+    return 0
+
+
+def layer_error_table(rows: list[dict]) -> str:
+    kinds = list(_KINDS.values())
+    lines = ["| model | stage | " + " | ".join(kinds) + " | hidden state after blocks 1 .. 6 |",
+             "|---|---|" + "---|" * (len(kinds) + 1)]
+    for r in sorted(rows, key=lambda r: (r["stage"], r["model"])):
+        lines.append(f"| {r['model']} | {r['stage']} | " + " | ".join(f"{r['by_kind'].get(k, float('nan')):.3f}" for k in kinds)
+                     + " | " + " ".join(f"{e:.2f}" for e in r["block_hidden"]) + " |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- diagnosis of the r=24 < r=16 anomaly
@@ -864,6 +994,12 @@ def report_extra(folder: Path, records: list[dict]) -> list[str]:
         lines += ["**Calibration study (`python experiments/run.py minilm --diagnose`, no distillation; held-out = 200 "
                   "other training-work sentences; quality on the 200 evaluation sentences):**", "",
                   diagnosis_table(diag), ""]
+    errs = _read_json(folder / "layer_errors.json")
+    if errs:
+        lines += ["**Where the error comes from (`python experiments/run.py minilm --layer-errors --methods ...` with each "
+                  "run's flags; held-out evaluation sentences, real tokens): relative error of each layer kind on the "
+                  "teacher's inputs (mean over the 6 blocks), and of the hidden state after each block with every "
+                  "model running on its own:**", "", layer_error_table(errs), ""]
     bench = _read_json(folder / "calibration_bench.json")
     if bench:
         lines += ["**Calibration speed (`python experiments/run.py minilm --bench-calibration --methods stl-cal-r24 "

@@ -229,3 +229,42 @@ def test_block_cache_and_whole_model_passes_agree_for_the_reference_target(monke
     pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], rtol=1e-6, atol=1e-7)
+
+
+def _ridge_case(seed=0):
+    """One 64 -> 16 layer calibrated on few rows (underdetermined with a tiny ridge), held out on others."""
+    g = torch.Generator().manual_seed(seed)
+    dense = nn.Sequential(nn.Linear(64, 16, bias=False)).double()
+    mix = torch.randn(64, 64, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 64, dtype=torch.float64)
+    make = lambda n: [torch.randn(2, 16, 64, generator=g, dtype=torch.float64) @ mix for _ in range(n)]  # noqa: E731
+    model = copy.deepcopy(dense)
+    sk.strassenify_(model, sk.STLConfig(tile=4, rank=24, init="random", seed=seed), head=None)
+    return dense, model, make(2), make(4)
+
+
+def test_ridge_list_picks_the_held_out_best_per_layer():
+    dense, model, fit, held = _ridge_case()
+    ridges = [1e-8, 1e-4, 1e-2, 1e-1, 1.0]
+    single = {}
+    for v in ridges:
+        m = copy.deepcopy(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            single[v] = sk.calibrate_(m, fit, reference=dense, ridge=v, heldout=held, progress=False,
+                                      dtype=torch.float64).layers[0].rel_err_heldout_after
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = sk.calibrate_(model, fit, reference=dense, ridge=ridges, heldout=held, progress=False,
+                            dtype=torch.float64).layers[0]
+    best = min(single, key=single.get)
+    assert rep.ridge == best and best > 1e-8  # the tiny ridge overfits the few rows
+    assert rep.rel_err_heldout_after == pytest.approx(single[best], rel=1e-9)
+    assert single[1e-8] > 1.05 * single[best]
+
+
+def test_ridge_list_needs_heldout_batches():
+    dense, model, fit, _ = _ridge_case()
+    with pytest.raises(ValueError, match="heldout="):
+        sk.calibrate_(model, fit, reference=dense, ridge=[1e-4, 1e-2], progress=False)
+    with pytest.raises(ValueError, match="ridge"):
+        sk.calibrate_(model, fit, reference=dense, ridge=[1e-4, -1.0], heldout=fit, progress=False)

@@ -632,6 +632,7 @@ class LayerCalibration:
     rel_err_heldout_after: float | None = None
     equations: int = 0  # per output column block: real rows x tile outputs
     unknowns: int = 0  # per output column block: rank x ceil(K / tile) entries of w_hat
+    ridge: float | None = None  # the ridge used (the held-out choice when calibrate_ got several)
 
     @property
     def underdetermined(self) -> bool:
@@ -1133,7 +1134,7 @@ def calibrate_(
     sequential: bool = True,
     layers: list[str] | None = None,
     fit_enc: bool = True,
-    ridge: float = 1e-6,
+    ridge: float | tuple = 1e-6,
     heldout=None,
     progress: bool = True,
     target: str = "dense",
@@ -1155,7 +1156,10 @@ def calibrate_(
             sees in the converted model after the earlier layers were calibrated (default). ``False``
             records all layers in one pass (from ``reference`` if given, else from the converted model).
         layers: restrict to these STLinear module names.
-        ridge: Tikhonov term relative to the mean diagonal of each normal-equation matrix.
+        ridge: Tikhonov term relative to the mean diagonal of each normal-equation matrix. A tuple/list of
+            values (needs ``heldout``) chooses one per layer: the value whose first w_hat fit has the lowest
+            error on the held-out batches (layers with many unknowns per real row, e.g. wide inputs at high
+            rank, overfit the batches with a small ridge); the report's ``ridge`` says which.
         heldout: optional batches (not used for fitting) on which the error is also reported.
         target: "dense": fit X W^T on the layer's own inputs X (W: the dense weight). "reference": fit the
             output of the same module of ``reference`` on the reference's own activations (minus its bias),
@@ -1174,8 +1178,17 @@ def calibrate_(
     errors are accurate to about 1e-3 relative).
     """
     check_int("alternate", alternate, lo=0)
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not (math.isfinite(ridge) and ridge >= 0):
-        raise ValueError(f"ridge must be a finite number >= 0 (relative Tikhonov term, default 1e-6), got {ridge!r}")
+    ridges = tuple(ridge) if isinstance(ridge, (tuple, list)) else (ridge,)
+    if not ridges or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0)
+                         for v in ridges):
+        raise ValueError(f"ridge must be a finite number >= 0 (relative Tikhonov term, default 1e-6) or a list of "
+                         f"them to choose from on heldout=, got {ridge!r}")
+    if len(ridges) > 1 and heldout is None:
+        raise ValueError(f"ridge={list(ridges)} (several values) chooses per layer on held-out data: pass heldout= "
+                         f"batches that are not in batches=, or a single ridge")
+    if len(ridges) > 1 and method == "data":
+        raise ValueError("method='data' takes a single ridge; several (chosen on heldout=) need method='stats'")
+    ridge = ridges[0] if len(ridges) == 1 else ridges
     if isinstance(layers, str):
         layers = [layers]
     batches = _as_list(batches, "batches")
@@ -1273,7 +1286,7 @@ def _calibrate_data(model, stl, batches, weights, reference, alternate, sequenti
                 layer.enc_x.copy_(enc_x.to(layer.enc_x))
             results.append(LayerCalibration(
                 name, f"{layer.in_features}->{layer.out_features}", layer.format, layer.rank,
-                int((d.valid).sum()), rel0, sq0, rel1, sq1, hist, hb, ha, equations, unknowns,
+                int((d.valid).sum()), rel0, sq0, rel1, sq1, hist, hb, ha, equations, unknowns, float(ridge),
             ))
             bar.set_postfix(layer=name, err=f"{rel0:.3f}->{rel1:.3f}")
     finally:
@@ -1307,6 +1320,8 @@ def _fit_layer(name, layer, st, hst, alternate, fit_enc, ridge):
     dt = st.dtype
     enc_x, dec, w_hat = (p.detach().to(st.device, dt) for p in (layer.enc_x, layer.dec, layer.w_hat))
     hb = stats_error(hst, enc_x, w_hat, dec)[0] if hst is not None else None
+    if isinstance(ridge, tuple):  # choose on the held-out statistics, by the first w_hat fit
+        ridge = min(ridge, key=lambda v: stats_error(hst, enc_x, fit_w_hat_stats(st, enc_x, dec, v), dec)[0])
     errs: list = []
     w_hat = fit_w_hat_stats(st, enc_x, dec, ridge, w_old=w_hat, errors=errs)
     (rel0, sq0), (rel1, sq1) = errs
@@ -1323,7 +1338,7 @@ def _fit_layer(name, layer, st, hst, alternate, fit_enc, ridge):
     rows = st.rows
     equations, unknowns = rows * layer.tile, layer.rank * st.Kt
     rep = LayerCalibration(name, f"{layer.in_features}->{layer.out_features}", layer.format, layer.rank, rows,
-                           rel0, sq0, rel1, sq1, hist, hb, ha, equations, unknowns)
+                           rel0, sq0, rel1, sq1, hist, hb, ha, equations, unknowns, float(ridge))
     return rep, (enc_x, w_hat, dec)
 
 
@@ -1335,7 +1350,8 @@ def _warn_underdetermined(name, layer, st, ridge):
             f"calibrate_: {name} is underdetermined: {rows} real rows give {equations} equations "
             f"per output column block for {unknowns} unknowns of w_hat, so the fit can match these batches "
             f"exactly and generalise badly. Pass more batches (>= {math.ceil(unknowns / layer.tile)} real "
-            f"rows), a larger ridge= (now {ridge:g}; e.g. 1e-2), and heldout= batches to see the error on unseen data",
+            f"rows), a larger ridge= (now {ridge if isinstance(ridge, tuple) else f'{ridge:g}'}; e.g. 1e-2, or several "
+            f"values with heldout= to choose from), and heldout= batches to see the error on unseen data",
             stacklevel=4)
 
 
