@@ -17,6 +17,9 @@ memory: the process keeps its peak heap size until it exits.
     from strassenkit import runtime
     runtime.retain_freed_memory()          # before the timed / training loop
     runtime.retain_freed_memory(False)     # back to glibc's thresholds; frees what was kept
+
+``machine_info()`` names what a timing ran on (CPU model, SIMD flags, cores, the native kernels' code path):
+benchmarks write it beside every speed ratio.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import ctypes.util
 import functools
 import warnings
 
-__all__ = ["retain_freed_memory", "freed_memory_retained"]
+__all__ = ["retain_freed_memory", "freed_memory_retained", "machine_info"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -72,3 +75,37 @@ def retain_freed_memory(enable: bool = True) -> bool:
 def freed_memory_retained() -> bool:
     """True after a successful ``retain_freed_memory()`` (and no ``retain_freed_memory(False)`` since)."""
     return _state["retained"]
+
+
+def machine_info() -> dict:
+    """The CPU (model name, SIMD flags), cores, torch version and the STL kernels' code path: the header of
+    every benchmark (speed ratios depend on them; our 2-core machines differ between sessions)."""
+    import os
+    import platform
+
+    import torch
+
+    from .functional import native
+    from .functional.ops import native_low_precision
+
+    model, flags = platform.processor() or "unknown", []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("unknown", "", platform.processor()):
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    break
+    except OSError:
+        pass
+    simd = sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "cpu": model, "simd": simd, "cores": os.cpu_count(), "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16_gemm": native_low_precision("cpu"), "loadavg_start": load,
+        "native_code_path": native.code_path() or "unavailable (pure-PyTorch kernels)",
+        "native_flags": " ".join(native.build_info()["flags"]) if native.available() else "",
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
+    }

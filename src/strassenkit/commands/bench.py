@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -36,7 +35,7 @@ from .._utils import ceil_div
 from ..functional import native
 from ..functional.ops import active_backend, backend, bmm, compute_dtype, native_low_precision
 from ..functional.stl import stl_apply
-from ..runtime import retain_freed_memory
+from ..runtime import machine_info, retain_freed_memory
 
 __all__ = ["SHAPE_SETS", "QUICK_SETS", "MODEL_SETS", "BenchRow", "ModelRow", "bench_row", "model_rows", "call_rows",
            "run_bench", "run_models", "add_arguments", "run"]
@@ -386,28 +385,7 @@ def _model_markdown(rows: list[ModelRow]) -> list[str]:
     return lines
 
 
-def _machine_info() -> dict:
-    model, flags = platform.processor() or "unknown", []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model in ("unknown", "", platform.processor()):
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    break
-    except OSError:
-        pass
-    simd = sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {
-        "cpu": model, "simd": simd, "cores": os.cpu_count(), "torch": torch.__version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "native_bf16_gemm": native_low_precision("cpu"), "loadavg_start": load,
-        "native_code_path": native.code_path() or "unavailable (pure-PyTorch kernels)",
-        "native_flags": " ".join(native.build_info()["flags"]) if native.available() else "",
-        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
-    }
+_machine_info = machine_info  # the bench header's fields (kept under the old private name)
 
 
 def _break_even(rows: list[BenchRow]) -> dict:
