@@ -501,11 +501,11 @@ def _markdown(rows: list[BenchRow], info: dict, command: str) -> str:
         f"CPU at load time; compiled with `{info.get('native_flags', '')}`); the fused path (encode, core and decode "
         "per block of tile rows) runs layers with a small encoded weight, see results/bench/README.md",
         f"- load average (1, 5, 15 min) at start {info['loadavg_start']}, at end {info['loadavg_end']} "
-        "(other jobs shared the cores: absolute times are noisy; dense and STL are interleaved per repeat, "
-        "so the ratios are the figures to read)",
+        "(a lagging 1-minute average; on a shared VM absolute times are noisy: dense and STL are interleaved per "
+        "repeat, so the ratios are the figures to read)",
         f"- THP_MEM_ALLOC_ENABLE={info.get('THP_MEM_ALLOC_ENABLE', 'unset')} (PyTorch's transparent-huge-page "
-        "switch for large CPU tensors; `make bench` sets it to 1 so dense outputs get huge pages too: the STL "
-        "native kernels request them for their own outputs either way)",
+        "switch for large CPU tensors; `make bench` leaves it unset, as in a plain process; set to 1 it gives dense "
+        "outputs huge pages too: the STL native kernels request them for their own outputs either way)",
         "- malloc: `default` = glibc's default thresholds (every large tensor is a fresh mmap, faulted in and zeroed on first "
         "touch); `retain` = freed memory kept in the process (`strassenkit.runtime.retain_freed_memory`, what a "
         "caching allocator such as tcmalloc/jemalloc does; PyTorch's `torch.backends.xeon.run_cpu` launcher preloads "
