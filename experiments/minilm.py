@@ -915,6 +915,7 @@ def legacy_table(records: list[dict]) -> str:
 
 
 def family(model: str) -> str:
+    model = model.split(" ")[0]  # "2:4 lr1e-3" is the 2:4 family with a tag
     if model.startswith("stl-"):
         return model.rsplit("-r", 1)[0]
     return model.split("@")[0]
@@ -941,7 +942,9 @@ def plot(records: list[dict], out: Path) -> Path:
             m, s = mean_std([r[key] for r in rs])
             ax.errorbar([x], [m], yerr=[s], fmt=marker, color=color, capsize=3, ms=7,
                         label=fam if (fam not in seen and ax is axes[1]) else None)
-            ax.annotate(kind.split("-")[-1] if fam.startswith("stl") else kind.split("@")[-1], (x, m),
+            name, _, tag = kind.partition(" ")
+            short = name.split("-")[-1] if fam.startswith("stl") else name.split("@")[-1]
+            ax.annotate(f"{short} {tag}".strip(), (x, m),
                         textcoords="offset points", xytext=(4, 4), fontsize=6, color=color)
         seen.add(fam)
     for r in legacy(records):
