@@ -268,3 +268,21 @@ def test_ridge_list_needs_heldout_batches():
         sk.calibrate_(model, fit, reference=dense, ridge=[1e-4, 1e-2], progress=False)
     with pytest.raises(ValueError, match="ridge"):
         sk.calibrate_(model, fit, reference=dense, ridge=[1e-4, -1.0], heldout=fit, progress=False)
+
+
+def test_ridge_list_on_a_padded_hugging_face_bert():
+    dense = _tiny_bert(4)
+    model = copy.deepcopy(dense)
+    sk.strassenify_(model, sk.STLConfig(tile=4, rank=12, init="random"))
+    single = copy.deepcopy(model)
+    fit, held = _padded(2, seed=5), _padded(2, seed=6)
+    ridges = [1e-6, 1e-3, 1e-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = sk.calibrate_(model, fit, reference=dense, ridge=ridges, heldout=held, progress=False)
+        one = sk.calibrate_(single, fit, reference=dense, ridge=1e-6, heldout=held, progress=False)
+    assert len(rep.layers) == len(one.layers) > 0 and all(c.ridge in ridges for c in rep.layers)
+    # the first layer sees the same inputs in both runs: the chosen ridge is no worse on held-out data
+    assert rep.layers[0].rel_err_heldout_after <= one.layers[0].rel_err_heldout_after * (1 + 1e-3)
+    with torch.no_grad():
+        assert torch.isfinite(model(**held[0]).last_hidden_state).all()
