@@ -165,3 +165,25 @@ def test_checkpoint_roundtrip_model_optimizer_rng(tmp_path):
     with pytest.raises(RuntimeError, match="does not fit the model"):
         load_checkpoint(path, _mlp())  # dense model, STL checkpoint
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest.json", "step_00000007"]
+
+
+def test_resume_with_another_config_is_refused_and_leaves_the_model_alone(tmp_path):
+    """train(resume=True) must not silently continue a checkpoint written by another run."""
+    (x, y), _ = synthetic_data(512, 64)
+    train(_mlp(), (x, y), _cfg(steps=20, ckpt_every=10), out_dir=str(tmp_path), extra_config={"model": "mlp"})
+    for bad, word in ((dict(lr=1e-2), "TrainConfig.lr"), (dict(seed=3), "TrainConfig.seed"),
+                      (dict(batch_size=16), "TrainConfig.batch_size"), (dict(steps=10), "TrainConfig.steps")):
+        m = _mlp(seed=5)
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        with pytest.raises(ValueError, match=word) as e:
+            train(m, (x, y), _cfg(ckpt_every=10, **{"steps": 20, **bad}), out_dir=str(tmp_path),
+                  resume=True, extra_config={"model": "mlp"})
+        assert "new out_dir" in str(e.value)
+        assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # nothing was loaded
+    with pytest.raises(ValueError, match=r"extra_config\['model'\]"):
+        train(_mlp(), (x, y), _cfg(steps=20, ckpt_every=10), out_dir=str(tmp_path), resume=True,
+              extra_config={"model": "other"})
+    # options that do not change the parameters may differ, and steps may grow past the checkpoint
+    out = train(_mlp(), (x, y), _cfg(steps=30, ckpt_every=10, log_every=7, threads=2), out_dir=str(tmp_path),
+                resume=True, extra_config={"model": "mlp"})
+    assert out["step"] == 30

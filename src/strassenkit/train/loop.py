@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from .._utils import check_int
 from ._faults import fault_requested
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 
 __all__ = ["TrainConfig", "NonFiniteLossError", "train", "lr_factor", "param_groups", "batch_indices", "evaluate",
            "resolve_device", "batch_to"]
@@ -376,6 +376,38 @@ def _truncate_metrics(path: str, step: int) -> None:
     atomic_write_text(path, "".join(keep))
 
 
+# ------------------------------------------------------------------ resume
+# TrainConfig fields that never change the trained parameters: a resumed run may change them
+_RESUME_SAFE = ("threads", "progress", "log_every", "eval_every", "eval_batch_size", "ckpt_every",
+                "keep_checkpoints", "device")
+
+
+def _check_resume_config(stored: dict, current: dict, ckpt_path: str, step: int) -> None:
+    """Refuse to resume a checkpoint written with a different config (it would silently continue another run).
+
+    ``steps`` may grow past the checkpoint's step (training goes on, the schedule spans the new total); the
+    fields in ``_RESUME_SAFE`` may change; anything else (lr, seed, batch size, extra_config, ...) raises.
+    """
+    if not stored:  # a checkpoint written without a config (older callers of save_checkpoint)
+        return
+    cur = json.loads(json.dumps(current))
+    diffs = []
+    old_t, new_t = stored.get("train") or {}, cur.get("train") or {}
+    for key in sorted(set(old_t) | set(new_t)):
+        if key in _RESUME_SAFE or old_t.get(key) == new_t.get(key) or key not in old_t:
+            continue
+        if key == "steps" and isinstance(new_t.get(key), int) and new_t[key] > step:
+            continue
+        diffs.append(f"TrainConfig.{key}: checkpoint {old_t.get(key)!r}, now {new_t.get(key)!r}")
+    for key in sorted(set(stored) & set(cur) - {"train"}):
+        if stored[key] != cur[key]:
+            diffs.append(f"extra_config[{key!r}]: checkpoint {stored[key]!r}, now {cur[key]!r}")
+    if diffs:
+        raise ValueError(
+            f"resume=True: the checkpoint {ckpt_path} was written by a run with another config ("
+            + "; ".join(diffs) + "). Resume with the same TrainConfig and extra_config, or train into a new out_dir")
+
+
 # ------------------------------------------------------------------ the loop
 def train(
     model: nn.Module,
@@ -469,6 +501,13 @@ def _train(model, data, cfg, out_dir, eval_data, teacher, resume, extra_config, 
         else:
             ckpt_path, load = latest_checkpoint(out_dir), load_checkpoint
         if ckpt_path is not None:
+            # check before loading: a refused resume leaves the model untouched
+            if fsdp:
+                with open(os.path.join(ckpt_path, "state.json")) as f:
+                    st = json.load(f)
+            else:
+                st = read_state(ckpt_path)
+            _check_resume_config(st.get("config") or {}, saved_cfg, ckpt_path, int(st["step"]))
             state = load(ckpt_path, model, opt)
             start = int(state["step"])
             if rank == 0 and metrics_path:
