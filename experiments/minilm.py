@@ -714,9 +714,67 @@ def why_lines(errs: list[dict], records: list[dict]) -> list[str]:
                    f"{rr['by_kind']['ffn-out']:.2f} after rank reduction (and ~0.31 without alternation in the "
                    f"calibration study). The fit has ~18 equations per unknown there, so this is not an "
                    f"underdetermined fit; the alternating D/E_x refits generalise worse from the training works. "
-                   f"`calibrate_(ridge=[...], heldout=...)` now chooses the ridge per layer on held-out sentences "
-                   f"(rows tagged `ridgesel` test whether it helps).")
+                   f"`calibrate_(ridge=[...], heldout=...)` chooses the ridge per layer on held-out sentences"
+                   + ("; see the `ridgesel` row for whether it helps." if any("ridgesel" in r.get("model", "")
+                                                                            for r in records)
+                      else " (the `ridgesel` run that tests it after distillation is not recorded yet)."))
     return out + [""]
+
+
+# (question, candidate A, baseline B): paired comparisons at the same budget, shown where both were run
+FINDINGS = [
+    ("(b) rank reduction vs calibration (uniform r=23, lr 1e-3)", "stl-rr-r23 lr1e-3", "stl-cal-r23 alt2-lr1e-3"),
+    ("(b) rank reduction vs calibration (uniform r=23, lr 1e-4)", "stl-rr-r23", "stl-cal-r23"),
+    ("(c) layer-wise distillation first vs calibrate + distill (r=23, alternate 2, lr 1e-3)", "stl-lw-r23 alt2-lr1e-3",
+     "stl-cal-r23 alt2-lr1e-3"),
+    ("(c) layer-wise distillation first vs calibrate + distill (r=23, lr 1e-4)", "stl-lw-r23", "stl-cal-r23"),
+    ("planner's per-layer mix vs uniform rank at ~2x", "plan@2.0 alt2-lr1e-3", "stl-cal-r23 alt2-lr1e-3"),
+    ("planner's per-layer mix vs uniform rank at ~2.5x", "plan@2.5 alt2-lr1e-3", "stl-cal-r19 alt2-lr1e-3"),
+    ("ridge chosen per layer on held-out sentences vs ridge 1e-4", "stl-cal-r23 alt2-ridgesel-lr1e-3",
+     "stl-cal-r23 alt2-lr1e-3"),
+    ("distillation lr 1e-3 vs 1e-4: 2:4", "2:4 lr1e-3", "2:4"),
+    ("distillation lr 1e-3 vs 1e-4: low rank 2x", "lowrank@2.0 lr1e-3", "lowrank@2.0"),
+    ("distillation lr 1e-3 vs 1e-4: STL rank reduction", "stl-rr-r23 lr1e-3", "stl-rr-r23"),
+    ("alternate 2 + lr 1e-3 vs alternate 0 + lr 1e-4 (calibrate + distill, r=23; two changes at once)",
+     "stl-cal-r23 alt2-lr1e-3", "stl-cal-r23"),
+]
+
+
+def findings_lines(records: list[dict]) -> list[str]:
+    """What helped and what did not: each pair of FINDINGS that was run, with the difference of the means."""
+    g = group_runs(current(records))
+    # seed noise: the largest cosine std of a method with 3+ seeds (a 1-seed difference below it says nothing)
+    noise = max([0.01] + [_ms(rs, "cosine_mean")[1] for rs in g.values() if len({r["seed"] for r in rs}) >= 3])
+    out = []
+    for question, a, b in FINDINGS:
+        if a not in g or b not in g:
+            continue
+        parts = []
+        for key, what in (("cosine_mean", "cosine"), ("pair_spearman", "Spearman")):
+            (ma, sa), (mb, sb) = _ms(g[a], key), _ms(g[b], key)
+            parts.append(f"{what} {ma:.3f} ± {sa:.3f} vs {mb:.3f} ± {sb:.3f} ({ma - mb:+.3f})")
+        dc = _ms(g[a], "cosine_mean")[0] - _ms(g[b], "cosine_mean")[0]
+        verdict = "helped" if dc > noise else "hurt" if dc < -noise else f"within the seed spread (|Δ cosine| <= {noise:.3f})"
+        out.append(f"- {question}: **{a}** ({len(g[a])} seed(s)) vs **{b}** ({len(g[b])} seed(s)): "
+                   + "; ".join(parts) + f": {verdict}.")
+    if not out:
+        return []
+    return ["**What helped and what did not (pairs at the same budget, computed from the records; a difference counts "
+            f"when it exceeds the seed spread, the largest cosine std of a 3-seed method, here {noise:.3f}):**", ""] + out + [""]
+
+
+def headline_table(records: list[dict], min_seeds: int = 3) -> list[str]:
+    """The rows with >= ``min_seeds`` seeds (conversion and calibration redone per seed)."""
+    g = {k: rs for k, rs in group_runs(current(records)).items() if len({r["seed"] for r in rs}) >= min_seeds}
+    if not g:
+        return []
+    lines = [f"**Headline ({min_seeds}+ seeds each; calibration, conversion and distillation order redone per seed; "
+             "mean ± std):**", "", "| model | seeds | FLOP reduction | cosine | pair Spearman |", "|---|---|---|---|---|"]
+    for k, rs in sorted(g.items(), key=lambda kv: (round(_ms(kv[1], "flop_reduction")[0], 1), -_ms(kv[1], "cosine_mean")[0])):
+        c, sp = _ms(rs, "cosine_mean"), _ms(rs, "pair_spearman")
+        lines.append(f"| {k} | {len(rs)} | {_ms(rs, 'flop_reduction')[0]:.2f}x | {c[0]:.4f} ± {c[1]:.4f} "
+                     f"| {sp[0]:.4f} ± {sp[1]:.4f} |")
+    return lines + [""]
 
 
 def layer_error_table(rows: list[dict]) -> str:
@@ -926,6 +984,12 @@ _STYLE = {"2:4": ("tab:red", "s"), "lowrank": ("tab:gray", "v"), "stl-cal": ("ta
           "plan": ("tab:orange", "*")}
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points (FLOP reduction, quality) that no other point beats on both, by increasing reduction."""
+    front = [p for p in points if not any(q != p and q[0] >= p[0] and q[1] >= p[1] for q in points)]
+    return sorted(set(front))
+
+
 def plot(records: list[dict], out: Path) -> Path:
     import matplotlib
 
@@ -947,6 +1011,16 @@ def plot(records: list[dict], out: Path) -> Path:
             ax.annotate(f"{short} {tag}".strip(), (x, m),
                         textcoords="offset points", xytext=(4, 4), fontsize=6, color=color)
         seen.add(fam)
+    groups = group_runs(current(records))
+    for ax, key in zip(axes, ("cosine_mean", "pair_spearman")):
+        for which, color, label in ((("stl-", "plan@"), "tab:blue", "STL Pareto front"),
+                                    (("2:4", "lowrank"), "0.4", "baselines' Pareto front")):
+            pts = [(mean_std([r["flop_reduction"] for r in rs])[0], mean_std([r[key] for r in rs])[0])
+                   for k, rs in groups.items() if k.startswith(which)]
+            front = pareto_front(pts)
+            if len(front) > 1:
+                ax.plot(*zip(*front), ls="--", lw=1, color=color, alpha=0.6,
+                        label=label if ax is axes[1] else None)
     for r in legacy(records):
         for ax, key in zip(axes, ("cosine_mean", "pair_spearman")):
             ax.plot([r["flop_reduction"]], [r[key]], "x", color="0.7", ms=5,
@@ -1031,7 +1105,9 @@ def diagnosis_table(rows: list[dict]) -> str:
 
 def report_extra(folder: Path, records: list[dict]) -> list[str]:
     """Extra report blocks: goal check, calibration study, calibration benchmark, throughput, history."""
-    lines = ["**Goal of the issue (computed from the records):**", ""] + goal_lines(records) + [""]
+    lines = headline_table(records)
+    lines += ["**Goal of the issue (computed from the records):**", ""] + goal_lines(records) + [""]
+    lines += findings_lines(records)
     diag = _read_json(folder / "diagnosis.json")
     if diag:
         lines += ["**Calibration study (`python experiments/run.py minilm --diagnose`, no distillation; held-out = 200 "

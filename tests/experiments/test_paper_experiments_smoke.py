@@ -217,3 +217,26 @@ def test_report_reconstructs_commands_and_marks_missing_runs(tmp_path):
     assert command_from_config("charlm", cfg) == "python experiments/run.py charlm --quick --seeds 0 1 --ratios 0.5"
     text = build_report(tmp_path)
     assert text.count("_Not run yet") == 7  # vit/full, vit, spn_cnn/full, spn_cnn, wordlm, charlm, minilm
+
+
+def test_minilm_pareto_front_headline_and_findings_from_records():
+    from experiments.minilm import findings_lines, headline_table, pareto_front
+
+    assert pareto_front([(2.0, 0.9), (2.0, 0.8), (2.5, 0.7), (2.4, 0.6), (3.0, 0.7)]) == [(2.0, 0.9), (3.0, 0.7)]
+
+    def rec(model, seed, cos, sp, red=2.08):
+        return {"model": model, "seed": seed, "cosine_mean": cos, "pair_spearman": sp, "flop_reduction": red}
+
+    recs = [rec("stl-cal-r23 alt2-lr1e-3", s, 0.74 + 0.02 * (s - 1), 0.67) for s in range(3)]
+    recs += [rec("stl-rr-r23 lr1e-3", 0, 0.80, 0.72), rec("stl-lw-r23 alt2-lr1e-3", 0, 0.75, 0.68),
+             rec("plan@2.0 alt2-lr1e-3", 0, 0.70, 0.60, 2.02)]
+    head = "\n".join(headline_table(recs))
+    assert "| stl-cal-r23 alt2-lr1e-3 | 3 | 2.08x | 0.7400 ± 0.0200 |" in head and "stl-rr" not in head
+    text = "\n".join(findings_lines(recs))
+    assert "seed spread, the largest cosine std of a 3-seed method, here 0.020" in text
+    rr = next(line for line in text.splitlines() if line.startswith("- (b) rank reduction") and "lr 1e-3" in line)
+    assert rr.endswith(": helped.") and "(+0.060)" in rr
+    lw = next(line for line in text.splitlines() if line.startswith("- (c)"))
+    assert "within the seed spread" in lw  # +0.01 < 0.02 noise
+    assert next(line for line in text.splitlines() if line.startswith("- planner's")).endswith(": hurt.")
+    assert "ridge chosen" not in text  # pairs that were not run are left out
