@@ -73,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="calibration sentences the planner of plan@X measures candidates on (every k-th batch)")
     p.add_argument("--plan-ranks", type=int, nargs="+", default=[12, 16, 19, 23, 28],
                    help="STL t=4 ranks the planner of plan@X chooses from per layer (besides dense)")
+    p.add_argument("--plan-alternate", type=int, default=0,
+                   help="alternating rounds of the planner's per-candidate fit (0: w_hat only; the final calibration "
+                        "uses --calib-alternate; >= 1 also refits D and E_x, whose als inits can miss tile directions)")
     p.add_argument("--lw-steps", type=int, default=150, help="layer-wise steps of stl-lw (part of --steps)")
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--eval-sentences", type=int, default=200)
@@ -80,6 +83,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-root", default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work-dir", default="runs/minilm", help="distillation checkpoints (a killed run resumes)")
+    p.add_argument("--codec-ranks", action="store_true",
+                   help="only write codec_ranks.json: the ranks of E_x and D of the init at each --plan-ranks rank and "
+                        "--seeds seed (rank-deficient factors cap a w_hat-only fit)")
     p.add_argument("--throughput", action="store_true",
                    help="only measure encoder throughput (batch 32 x 128 tokens) of dense vs the --methods")
     p.add_argument("--bench-calibration", action="store_true",
@@ -412,8 +418,9 @@ def convert(spec: str, teacher, calib, heldout, args, seed: int, init: str) -> t
         step = max(1, round(args.calib_sentences / max(1, args.plan_sentences)))
         cands = [sk.STLConfig(tile=4, rank=r, init=init) for r in args.plan_ranks]
         plan = sk.plan(teacher, calib[::step], budget={"flop_reduction": m["factor"]}, candidates=cands, init=init,
-                       seed=seed, ridge=_min_ridge(args), progress=False)
-        info.update(plan_seconds=time.perf_counter() - t1, plan=plan.summary(), plan_sentences=args.plan_sentences)
+                       seed=seed, ridge=_min_ridge(args), alternate=args.plan_alternate, progress=False)
+        info.update(plan_seconds=time.perf_counter() - t1, plan=plan.summary(), plan_sentences=args.plan_sentences,
+                    plan_alternate=args.plan_alternate)
         student = copy.deepcopy(teacher)
         sk.strassenify_(student, plan.config())
         info["before_calibration"] = quality(student, args._teacher_emb, args._tok, args._eval, args.max_length)
@@ -457,6 +464,8 @@ def _run_hash(spec: str, seed: int, args) -> str:
     keys = ("init", "calib_sentences", "calib_alternate", "calib_ridge", "calib_target", "steps", "batch_size", "lr",
             "lw_steps", "max_length", "quick", "tag")
     extra = [args.plan_sentences, args.plan_ranks] if spec.startswith("plan@") else []
+    if spec.startswith("plan@") and getattr(args, "plan_alternate", 0):  # 0: the hash of the runs before the option
+        extra.append(args.plan_alternate)
     blob = json.dumps([spec, seed] + [getattr(args, k) for k in keys] + extra, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:8]
 
@@ -516,6 +525,8 @@ def run(args) -> int:
     teacher = load_teacher(args.minilm_root)
     tok = load_tokenizer(args.minilm_root)
     train_sents, eval_sents = sentence_sets(args.text_root, args.eval_sentences)
+    if args.codec_ranks:
+        return codec_rank_table(args, init)
     if args.throughput:
         return throughput(args, teacher, init)
     if args.bench_calibration:
@@ -730,6 +741,8 @@ FINDINGS = [
     ("(c) layer-wise distillation first vs calibrate + distill (r=23, lr 1e-4)", "stl-lw-r23", "stl-cal-r23"),
     ("planner's per-layer mix vs uniform rank at ~2x", "plan@2.0 alt2-lr1e-3", "stl-cal-r23 alt2-lr1e-3"),
     ("planner's per-layer mix vs uniform rank at ~2.5x", "plan@2.5 alt2-lr1e-3", "stl-cal-r19 alt2-lr1e-3"),
+    ("planner measuring candidates with alternate 1 vs 0 (w_hat only) at ~2x", "plan@2.0 alt2-palt1-lr1e-3",
+     "plan@2.0 alt2-lr1e-3"),
     ("ridge chosen per layer on held-out sentences vs ridge 1e-4", "stl-cal-r23 alt2-ridgesel-lr1e-3",
      "stl-cal-r23 alt2-lr1e-3"),
     ("distillation lr 1e-3 vs 1e-4: 2:4", "2:4 lr1e-3", "2:4"),
@@ -857,6 +870,53 @@ def diagnose(args, teacher, tok, train_sents, eval_sents, init) -> int:
 def statistics_mean(v):
     v = [x for x in v if x is not None]
     return sum(v) / len(v) if v else None
+
+
+# ---------------------------------------------------------------- ranks of the init's encoder and decoder
+def codec_rank_table(args, init) -> int:
+    """Ranks of E_x and D of the ``init`` STL layer at every planner rank (and 23, 24) and seed -> codec_ranks.json."""
+    from strassenkit.surgery.calibrate import codec_ranks
+
+    rows = []
+    for rank in sorted(set(args.plan_ranks) | {23, 24}):
+        for seed in args.seeds:
+            layer = sk.STLinear(16, 16, tile=4, rank=rank, init=init, seed=seed)
+            er, fe, dr, fd = codec_ranks(layer)
+            rows.append({"init": init, "rank": rank, "seed": seed, "enc_rank": er, "enc_full": fe, "dec_rank": dr,
+                         "dec_full": fd})
+            print(json.dumps(rows[-1]), flush=True)
+    path = Path(args.out) / "codec_ranks.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+def codec_rank_lines(rows: list[dict], records: list[dict] | None = None, diag: list[dict] | None = None) -> list[str]:
+    if not rows:
+        return []
+    seeds = sorted({r["seed"] for r in rows})
+    by = {(r["rank"], r["seed"]): r for r in rows}
+    lines = [f"**Ranks of the init's encoder E_x and decoder D (`python experiments/run.py minilm --codec-ranks --seeds "
+             f"{' '.join(map(str, seeds))}`; init {rows[0]['init']}, t=4: full rank is 16). A factor below full rank "
+             "misses input or output tile directions that no w_hat can reach, so a w_hat-only fit (alternate 0, and "
+             "the planner's measurements, which use alternate 0) keeps that error:**", "",
+             "| rank | " + " | ".join(f"seed {s}: E_x / D" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for rank in sorted({r["rank"] for r in rows}):
+        cells = [f"{by[(rank, s)]['enc_rank']} / {by[(rank, s)]['dec_rank']}" if (rank, s) in by else "" for s in seeds]
+        lines.append(f"| {rank} | " + " | ".join(cells) + " |")
+    r23, r24 = by.get((23, 0)), by.get((24, 0))
+    cal = [r for r in current(records or []) if r.get("model") == "stl-cal-r23" and r.get("seed") == 0]
+    d24 = [d for d in (diag or []) if d["rank"] == 24 and d["calib_sentences"] == 2000 and d["alternate"] == 0]
+    if r23 and r24 and cal and d24:
+        lines += ["", f"This explains the rank-23 anomaly: seed 0's rank-23 init has E_x / D of rank "
+                  f"{r23['enc_rank']} / {r23['dec_rank']}, its rank-24 init {r24['enc_rank']} / {r24['dec_rank']}; with "
+                  f"alternate 0 rank 23 calibrates to {cal[0]['calib_rel_error_mean']:.3f} mean relative error, rank 24 to "
+                  f"{d24[-1]['rel_err_fit_mean']:.3f} (calibration study). Two alternating rounds refit D and E_x "
+                  f"(stl-cal-r23 alt2: {_ms([r for r in current(records) if r.get('model') == 'stl-cal-r23 alt2-lr1e-3'], 'calib_rel_error_mean')[0]:.3f}). "
+                  "`calibrate_` and `plan` now warn when a w_hat-only fit starts from such factors; the planner runs "
+                  "above measured candidates with alternate 0 (`--plan-alternate` sets it)."]
+    return lines + [""]
 
 
 # ---------------------------------------------------------------- calibration benchmark
@@ -1113,6 +1173,7 @@ def report_extra(folder: Path, records: list[dict]) -> list[str]:
         lines += ["**Calibration study (`python experiments/run.py minilm --diagnose`, no distillation; held-out = 200 "
                   "other training-work sentences; quality on the 200 evaluation sentences):**", "",
                   diagnosis_table(diag), ""]
+    lines += codec_rank_lines(_read_json(folder / "codec_ranks.json") or [], records, diag)
     errs = _read_json(folder / "layer_errors.json")
     if errs:
         lines += why_lines(errs, records)

@@ -633,6 +633,8 @@ class LayerCalibration:
     equations: int = 0  # per output column block: real rows x tile outputs
     unknowns: int = 0  # per output column block: rank x ceil(K / tile) entries of w_hat
     ridge: float | None = None  # the ridge used (the held-out choice when calibrate_ got several)
+    enc_rank: int | None = None  # numerical rank of the layer's E_x before the fit (full: min(rank, n*m))
+    dec_rank: int | None = None  # numerical rank of its D before the fit (full: min(rank, n*p))
 
     @property
     def underdetermined(self) -> bool:
@@ -1258,6 +1260,7 @@ def _calibrate_data(model, stl, batches, weights, reference, alternate, sequenti
                     f"rows), a larger ridge= (now {ridge:g}; e.g. {max(1e-2, 10 * ridge):g}), and heldout= batches to see "
                     f"the error on unseen data",
                     stacklevel=2)
+            er, _, dr, _ = codec_ranks(layer)
             enc_x, dec, w_hat = (p.detach().cpu().double() for p in (layer.enc_x, layer.dec, layer.w_hat))
             rel0, sq0 = tile_error(d, enc_x, w_hat, dec)
             hist = []
@@ -1286,11 +1289,12 @@ def _calibrate_data(model, stl, batches, weights, reference, alternate, sequenti
                 layer.enc_x.copy_(enc_x.to(layer.enc_x))
             results.append(LayerCalibration(
                 name, f"{layer.in_features}->{layer.out_features}", layer.format, layer.rank,
-                int((d.valid).sum()), rel0, sq0, rel1, sq1, hist, hb, ha, equations, unknowns, float(ridge),
+                int((d.valid).sum()), rel0, sq0, rel1, sq1, hist, hb, ha, equations, unknowns, float(ridge), er, dr,
             ))
             bar.set_postfix(layer=name, err=f"{rel0:.3f}->{rel1:.3f}")
     finally:
         model.train(was_training)
+    _warn_codec_rank(results, alternate, fit_enc)
     return CalibrationReport(results)
 
 
@@ -1318,6 +1322,7 @@ def _fit_layer(name, layer, st, hst, alternate, fit_enc, ridge):
     D and E_x steps of a round (err of the new D, E_x with the previous w_hat).
     """
     dt = st.dtype
+    er, _, dr, _ = codec_ranks(layer)
     enc_x, dec, w_hat = (p.detach().to(st.device, dt) for p in (layer.enc_x, layer.dec, layer.w_hat))
     hb = stats_error(hst, enc_x, w_hat, dec)[0] if hst is not None else None
     if isinstance(ridge, tuple):  # choose on the held-out statistics, by the first w_hat fit
@@ -1338,8 +1343,40 @@ def _fit_layer(name, layer, st, hst, alternate, fit_enc, ridge):
     rows = st.rows
     equations, unknowns = rows * layer.tile, layer.rank * st.Kt
     rep = LayerCalibration(name, f"{layer.in_features}->{layer.out_features}", layer.format, layer.rank, rows,
-                           rel0, sq0, rel1, sq1, hist, hb, ha, equations, unknowns, float(ridge))
+                           rel0, sq0, rel1, sq1, hist, hb, ha, equations, unknowns, float(ridge), er, dr)
     return rep, (enc_x, w_hat, dec)
+
+
+def codec_ranks(layer: STLinear, rtol: float = 1e-4) -> tuple[int, int, int, int]:
+    """(rank of E_x, full rank of E_x, rank of D, full rank of D) of an STLinear layer.
+
+    An encoder E_x (r x n*m) of rank below min(r, n*m) never reads some directions of an input tile, a decoder
+    D (n*p x r) of rank below min(r, n*p) never writes some directions of an output tile: no w_hat can make
+    up for them, so a w_hat-only fit (``alternate=0``) keeps that error. Low-rank approximations of the
+    matmul tensor (e.g. the "als" family at t=4 and ranks 16-24) often have such factors.
+    """
+    e, d = layer.enc_x.detach().double().cpu(), layer.dec.detach().double().cpu()
+    rank = lambda a: int(torch.linalg.matrix_rank(a, rtol=rtol))  # noqa: E731
+    return rank(e), min(e.shape), rank(d), min(d.shape)
+
+
+def _warn_codec_rank(reports: list, alternate: int, fit_enc: bool, what: str = "calibrate_") -> None:
+    """One warning for every layer whose E_x / D rank limits the fit and is not refitted."""
+    bad = []
+    for c in reports:
+        if c.enc_rank is None:
+            continue
+        full_e, full_d = min(c.rank, c.format[0] * c.format[1]), min(c.rank, c.format[0] * c.format[2])
+        enc_short = c.enc_rank < full_e and (alternate == 0 or not fit_enc)
+        dec_short = c.dec_rank < full_d and alternate == 0
+        if enc_short or dec_short:
+            bad.append(f"{c.name} (E_x rank {c.enc_rank}/{full_e}, D rank {c.dec_rank}/{full_d})")
+    if bad:
+        warnings.warn(
+            f"{what}: {len(bad)} layer(s) start from an encoder/decoder that misses tile directions, e.g. "
+            f"{'; '.join(bad[:3])}; a w_hat-only fit cannot reach them and keeps that error. Pass alternate=1 "
+            f"(or more) to refit D and E_x, or use another init (seed) whose factors have full rank",
+            stacklevel=3)
 
 
 def _warn_underdetermined(name, layer, st, ridge):
@@ -1446,4 +1483,5 @@ def _calibrate_stats(model, stl, batches, weights, reference, alternate, sequent
             bar.set_postfix(layer=name, err=f"{rep.rel_err_before:.3f}->{rep.rel_err_after:.3f}")
     order = {n: i for i, (n, _) in enumerate(stl)}
     results.sort(key=lambda c: order[c.name])  # report in module order
+    _warn_codec_rank(results, alternate, fit_enc)
     return CalibrationReport(results)

@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 
 from .. import cost as _cost
 from ..nn.stlinear import STLinear
-from .calibrate import (_as_list, _auto_dtype, _execution_groups, _normal_error, _stats_for, fit_dec_stats,
-                        fit_enc_x_stats, fit_w_hat_stats)
+from .calibrate import (_as_list, _auto_dtype, _execution_groups, _normal_error, _stats_for, codec_ranks,
+                        fit_dec_stats, fit_enc_x_stats, fit_w_hat_stats)
 from .config import PerModuleConfig, STLConfig, transform_for
 from .targets import plan_targets
 
@@ -305,6 +305,15 @@ def plan(
                     secs[n][j] = _time_layer(mods[n] if layer is None else layer, mods[n].in_features)
     finally:
         model.train(was)
+    if alternate == 0:  # a w_hat-only fit of a rank-deficient E_x / D overstates that candidate's error
+        short = sorted({_label(b) for n in names for b in built[n][1:]
+                        if (lambda e, fe, d, fd: e < fe or d < fd)(*codec_ranks(b))})
+        if short:
+            warnings.warn(
+                f"plan: candidates {short} start from encoders/decoders that miss tile directions (init {init!r}); "
+                f"with alternate=0 their errors are those of a w_hat-only fit, which cannot reach those directions, "
+                f"so the plan undervalues them if the final calibrate_ refits D and E_x. Pass the alternate= you "
+                f"will calibrate with (e.g. 1), or candidates with another init (seed)", stacklevel=2)
     w = {n: float((weights or {}).get(n, 1.0)) for n in names}
     E = [[w[n] * errs[n][j] ** 2 for j in range(len(cands))] for n in names]
     dense_macs = sum(macs[n][0] for n in names)
