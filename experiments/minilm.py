@@ -776,6 +776,29 @@ def findings_lines(records: list[dict]) -> list[str]:
             f"when it exceeds the seed spread, the largest cosine std of a 3-seed method, here {noise:.3f}):**", ""] + out + [""]
 
 
+def plan_choice_lines(records: list[dict]) -> list[str]:
+    """What the planner chose per layer kind (counts over the 6 blocks and the seeds of each plan@X row)."""
+    out = []
+    for k, rs in group_runs(current(records)).items():
+        if not k.startswith("plan@") or not all("plan" in r for r in rs):
+            continue
+        kinds: dict = {}
+        for r in rs:
+            for name, choice in r["plan"]["choices"].items():
+                kinds.setdefault(_kind_of(name), {}).setdefault(choice, 0)
+                kinds[_kind_of(name)][choice] += 1
+        cells = []
+        for kind in _KINDS.values():
+            if kind in kinds:
+                order = sorted(kinds[kind].items(), key=lambda kv: (-kv[1], kv[0]))
+                cells.append(f"{kind}: " + ", ".join(f"{c} x{n}" for c, n in order))
+        out.append(f"- **{k}** ({len(rs)} seed(s), {6 * len(rs)} layers per kind): " + "; ".join(cells) + ".")
+    if not out:
+        return []
+    return ["**What the planner chose (per layer kind, counted over blocks and seeds; `t4rR` = STL t=4 rank R):**",
+            ""] + out + [""]
+
+
 def headline_table(records: list[dict], min_seeds: int = 3) -> list[str]:
     """The rows with >= ``min_seeds`` seeds (conversion and calibration redone per seed)."""
     g = {k: rs for k, rs in group_runs(current(records)).items() if len({r["seed"] for r in rs}) >= min_seeds}
@@ -1177,6 +1200,7 @@ def report_extra(folder: Path, records: list[dict]) -> list[str]:
     lines = headline_table(records)
     lines += ["**Goal of the issue (computed from the records):**", ""] + goal_lines(records) + [""]
     lines += findings_lines(records)
+    lines += plan_choice_lines(records)
     diag = _read_json(folder / "diagnosis.json")
     if diag:
         lines += ["**Calibration study (`python experiments/run.py minilm --diagnose`, no distillation; held-out = 200 "

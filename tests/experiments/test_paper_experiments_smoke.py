@@ -240,3 +240,14 @@ def test_minilm_pareto_front_headline_and_findings_from_records():
     assert "within the seed spread" in lw  # +0.01 < 0.02 noise
     assert next(line for line in text.splitlines() if line.startswith("- planner's")).endswith(": hurt.")
     assert "ridge chosen" not in text  # pairs that were not run are left out
+
+
+def test_minilm_plan_choices_are_counted_per_layer_kind():
+    from experiments.minilm import plan_choice_lines
+
+    names = [f"encoder.layer.{b}.{k}" for b in range(6) for k in ("attention.self.value", "intermediate.dense")]
+    recs = [{"model": "plan@2.0 t", "seed": s, "flop_reduction": 2.0, "cosine_mean": 0.8, "pair_spearman": 0.7,
+             "plan": {"choices": {n: ("dense" if "value" in n else ("t4r12" if b < 4 else "t4r16"))
+                                  for n, b in zip(names, [i // 2 for i in range(12)])}}} for s in range(2)]
+    text = "\n".join(plan_choice_lines(recs))
+    assert "**plan@2.0 t** (2 seed(s), 12 layers per kind): value: dense x12; ffn-in: t4r12 x8, t4r16 x4." in text
