@@ -205,10 +205,12 @@ CAVEATS = {
         "recurrent layer at every step.",
     ],
     "minilm": [
-        "Each seed calibrates on its own 2,000 sentences and distills in its own order; rows with one seed have no "
-        "spread yet (the headline needs 3 seeds per method).",
+        "Each seed calibrates on its own 2,000 sentences and distills in its own order; the headline rows have 3 "
+        "seeds, the other rows are 1-seed explorations (no spread: compare them against the largest 3-seed std, "
+        "~0.03 cosine).",
         "Tagged rows are the same method with another setting (`lr1e-3`: distillation lr 1e-3 instead of 1e-4; "
-        "`alt2`: 2 alternating calibration rounds; `ridgesel`: the ridge chosen per layer on held-out sentences). "
+        "`alt2`: 2 alternating calibration rounds; `palt1`: the planner measures candidates after 1 alternating "
+        "round instead of a w_hat-only fit; `ridgesel`: the ridge chosen per layer on held-out sentences). "
         "lr 1e-3 helped every method (2:4, low rank and STL alike), so the goal line compares each side at its best "
         "variant; the learning rate was chosen on the evaluation sentences (there is no separate validation set), "
         "which favours every method equally.",
