@@ -194,3 +194,27 @@ def test_pooled_outputs_are_fully_overwritten_and_counted():
     finally:
         nat.pool_set_limit(limit >> 20)
     assert cached0 >= 0
+
+
+@requires_native
+@settings(max_examples=30, deadline=None)
+@given(fmt=FORMATS, r=st.integers(1, 30), B=st.integers(1, 3), M=st.integers(1, 40), N=st.integers(1, 90),
+       threads=st.sampled_from([1, 2]), dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
+def test_decode_with_bias_equals_decode_plus_bias(fmt, r, B, M, N, threads, dtype, seed):
+    """The unfused decode kernel adds the bias per cache-hot chunk: bit for bit y.add_(bias), padding skipped."""
+    n, _m, p = fmt
+    g = torch.Generator().manual_seed(seed)
+    Mt, Nt = -(-M // n), -(-N // p)
+    P = torch.randn(r, B * Mt, Nt, generator=g, dtype=torch.float64).to(dtype)
+    dec = torch.randn(n * p, r, generator=g, dtype=torch.float64).to(dtype)
+    bias = torch.randn(N, generator=g, dtype=torch.float64).to(dtype)
+    nat = torch.ops.strassenkit_native
+    with _threads(threads):
+        plain = nat.decode(P, dec, n, p, B, Mt, M, N)
+        with_bias = nat.decode(P, dec, n, p, B, Mt, M, N, bias)
+    assert torch.equal(with_bias, plain + bias)
+    with ops.backend("torch"):
+        ref = ops._decode(P.double(), dec.double(), n, p, B, Mt, M, N) + bias.double()
+    _close(with_bias, ref, 1e-12 if dtype == torch.float64 else 1e-5, "decode + bias")
+    with pytest.raises(RuntimeError, match="bias must be"):
+        nat.decode(P, dec, n, p, B, Mt, M, N, bias[:-1] if N > 1 else torch.zeros(2, dtype=dtype))

@@ -2,12 +2,14 @@
 
 :func:`train_classifier` is AdamW with a one-cycle schedule over shuffled mini-batches (optionally with a
 teacher for distillation and a per-step hook, e.g. to switch SPN phases); :func:`accuracy` evaluates in
-batches; :func:`forward_times` times several models interleaved so they all see the same machine load.
+batches; :func:`forward_times` and :func:`train_step_times` time several models interleaved so they all see
+the same machine load.
 For resumable training with checkpoints use :func:`strassenkit.train.train` instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["train_classifier", "accuracy", "forward_times"]
+__all__ = ["train_classifier", "accuracy", "forward_times", "train_step_times"]
 
 
 def train_classifier(model, x, y, *, epochs: int, batch_size: int, lr: float, seed: int, desc: str,
@@ -90,16 +92,46 @@ def accuracy(model, x, y, batch_size: int = 1000) -> float:
 
 
 @torch.no_grad()
-def forward_times(models: dict, x, repeats: int = 9, warmup: int = 2) -> dict:
-    """Median forward seconds per model on ``x``, models interleaved so all see the same machine load."""
-    for m in models.values():
-        m.eval()
-        for _ in range(warmup):
-            m(x)
-    samples = {k: [] for k in models}
-    for _ in range(repeats):
-        for k, m in models.items():
+def forward_times(models: dict, x, repeats: int = 9, warmup: int = 2, inference: bool = False) -> dict:
+    """Median forward seconds per model on ``x``, models interleaved so all see the same machine load.
+
+    ``inference=True`` times the forward under ``torch.no_grad()`` (what inference runs); the default
+    times it with autograd recording, as inside a training step."""
+    ctx = torch.no_grad if inference else contextlib.nullcontext
+    with ctx():
+        for m in models.values():
+            m.eval()
+            for _ in range(warmup):
+                m(x)
+        samples = {k: [] for k in models}
+        for _ in range(repeats):
+            for k, m in models.items():
+                t0 = time.perf_counter()
+                m(x)
+                samples[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def train_step_times(models: dict, x, y, batch_size: int, repeats: int = 15, warmup: int = 3, lr: float = 1e-3) -> dict:
+    """Median seconds of one training step (forward, cross-entropy, backward, AdamW step) per model.
+
+    Every model trains a copy of itself (the models passed in are not changed) on the same batches of
+    ``x``/``y``, steps interleaved across models so that all see the same machine load."""
+    import copy
+
+    copies = {k: copy.deepcopy(m).train() for k, m in models.items()}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=lr) for k, m in copies.items()}
+    samples = {k: [] for k in copies}
+    n_batches = max(1, len(x) // batch_size)
+    for i in range(warmup + repeats):
+        s = (i % n_batches) * batch_size
+        xb, yb = x[s: s + batch_size], y[s: s + batch_size]
+        for k, m in copies.items():
             t0 = time.perf_counter()
-            m(x)
-            samples[k].append(time.perf_counter() - t0)
+            loss = F.cross_entropy(m(xb), yb)
+            opts[k].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[k].step()
+            if i >= warmup:
+                samples[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in samples.items()}

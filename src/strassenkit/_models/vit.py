@@ -67,13 +67,14 @@ class ViT(nn.Module):
         mlp_ratio: float = 2.0,
         make_linear: LinearFactory = dense_linear,
         make_head: LinearFactory | None = None,
+        make_embed: LinearFactory | None = None,
     ):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size={image_size} must be a multiple of patch_size={patch_size}")
         self.patch_size, self.in_chans = patch_size, in_chans
         self.num_patches = (image_size // patch_size) ** 2
-        self.patch_embed = make_linear(in_chans * patch_size * patch_size, dim)
+        self.patch_embed = (make_embed or make_linear)(in_chans * patch_size * patch_size, dim)
         self.pos = nn.Parameter(torch.randn(1, self.num_patches, dim) * 0.02)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, make_linear) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)

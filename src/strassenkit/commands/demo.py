@@ -1,10 +1,17 @@
 """``strassenkit demo`` / ``make demo``: a small ViT on scikit-learn's digits, dense vs STL.
 
-Trains the same ViT twice per seed (every linear layer dense, then every linear layer an STLinear
-with t=4, r=24) with the same budget, and prints one table: test accuracy (mean +- std over seeds),
-parameters, MACs of the linear layers (core, encode and decode included), the linear-layer MAC
-reduction, and the forward-time ratio STL / dense measured in the same process (median of repeats
-after warm-up). Results also go to ``results/demo/summary.json``.
+Trains the same ViT twice per seed (dense, then with the linear layers of its transformer blocks as
+STLinear with t=4, r=24) with the same budget, and prints one table: test accuracy (mean +- std over
+seeds), parameters, MACs of the linear layers (core, encode and decode included), the linear-layer MAC
+reduction, and two time ratios STL / dense measured in the same process, models interleaved, median
+of repeats after warm-up: the inference forward over the test set (``torch.no_grad``) and one training
+step (forward, backward, AdamW) on a batch. Results also go to ``results/demo/summary.json``.
+
+Which layers: ``--stl-layers blocks`` (default) converts the block linears (attention qkv and output
+projection, both MLP layers) and keeps the patch embedding and the classifier dense, as the STL paper
+does for its ViT and as ``strassenify_`` keeps output heads: the 4 -> 128 patch embedding has a single
+tile column and the 128 -> 10 head three, where encode/decode cost more than the core saves.
+``--stl-layers all`` converts every linear layer (the demo's table before 2026-12).
 
 Threads: training a model this small is dominated by per-op overhead, and PyTorch's default of
 2 threads was several times slower than 1 on the 2-core machines we use, so the demo runs with
@@ -21,7 +28,7 @@ import torch
 
 from .. import cost
 from .._models.digits import load_digits_split
-from .._models.training import accuracy, forward_times, train_classifier
+from .._models.training import accuracy, forward_times, train_classifier, train_step_times
 from .._models.vit import ViT, dense_linear
 from ..functional.ops import active_backend
 from ..nn.stlinear import STLinear
@@ -37,8 +44,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--stl-layers", choices=("blocks", "all"), default="blocks",
+                        help="blocks: the transformer blocks' linears (patch embedding and head dense); all: every linear")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=15, help="timed forward passes per model (median is reported)")
+    parser.add_argument("--repeats", type=int, default=15,
+                        help="timed forward passes and training steps per model (medians are reported)")
     parser.add_argument("--out", default="results/demo", help="folder for summary.json ('' to skip writing)")
 
 
@@ -48,7 +58,9 @@ def build_model(kind: str, args, seed: int) -> ViT:
         make = dense_linear
     else:
         make = lambda i, o: STLinear(i, o, tile=args.tile, rank=args.rank, init=args.init, seed=seed)  # noqa: E731
-    return ViT(image_size=8, patch_size=2, dim=args.dim, depth=args.depth, heads=4, mlp_ratio=2.0, make_linear=make)
+    outer = dense_linear if kind != "dense" and getattr(args, "stl_layers", "blocks") == "blocks" else None
+    return ViT(image_size=8, patch_size=2, dim=args.dim, depth=args.depth, heads=4, mlp_ratio=2.0, make_linear=make,
+               make_head=outer, make_embed=outer)
 
 
 def linear_cost(model, x) -> dict:
@@ -66,7 +78,8 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     x_tr, y_tr, x_te, y_te = load_digits_split(seed=0)
     print(f"digits: {len(x_tr)} train / {len(x_te)} test images (8x8), ViT d={args.dim} depth={args.depth}, "
-          f"16 tokens, STL t={args.tile} r={args.rank} init={args.init!r}, seeds {args.seeds}, threads {args.threads}")
+          f"16 tokens, STL t={args.tile} r={args.rank} init={args.init!r} on {args.stl_layers} linears, seeds {args.seeds}, "
+          f"threads {args.threads}")
     records = []
     for seed in args.seeds:
         models = {}
@@ -80,9 +93,11 @@ def run(args) -> int:
                 "params": sum(p.numel() for p in model.parameters()), "train_seconds": train_s,
                 **linear_cost(model, x_te[:1]),
             })
-        times = forward_times(models, x_te, repeats=args.repeats)
+        times = forward_times(models, x_te, repeats=args.repeats, inference=True)
+        steps = train_step_times(models, x_tr, y_tr, args.batch_size, repeats=args.repeats)
         for rec in records[-2:]:
             rec["forward_ratio_vs_dense"] = times[rec["model"]] / times["dense"]
+            rec["train_step_ratio_vs_dense"] = steps[rec["model"]] / steps["dense"]
     print(format_table(records))
     if args.out:
         out = Path(args.out)
@@ -103,15 +118,17 @@ def _ms(vals) -> str:
 
 def format_table(records) -> str:
     head = (f"| model | test accuracy (mean +- std, {len({r['seed'] for r in records})} seeds) | params | "
-            f"linear MACs / image (incl. enc/dec) | of which enc/dec | MAC reduction | forward time STL/dense |")
-    lines = [head, "|" + "---|" * 7]
+            f"linear MACs / image (incl. enc/dec) | of which enc/dec | MAC reduction | inference forward time STL/dense | "
+            f"training step time STL/dense |")
+    lines = [head, "|" + "---|" * 8]
     for kind in ("dense", "stl"):
         rs = [r for r in records if r["model"] == kind]
         macs = rs[0]["macs"]
         red = rs[0]["dense_macs"] / macs
         ratio = statistics.median(r["forward_ratio_vs_dense"] for r in rs)
+        step = statistics.median(r.get("train_step_ratio_vs_dense", float("nan")) for r in rs)
         lines.append(
             f"| {kind} | {_ms([r['test_accuracy'] for r in rs])} | {rs[0]['params']:,} | {macs:,} | "
-            f"{rs[0]['macs_encode_decode']:,} | {red:.2f}x | {ratio:.2f} |"
+            f"{rs[0]['macs_encode_decode']:,} | {red:.2f}x | {ratio:.2f} | {step:.2f} |"
         )
     return "\n".join(lines)

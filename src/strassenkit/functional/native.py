@@ -259,7 +259,7 @@ def _register_fakes() -> None:
         return out, genc
 
     @torch.library.register_fake(lib + "decode")
-    def _decode_fake(P, dec, n, p, B, Mt, M, N):
+    def _decode_fake(P, dec, n, p, B, Mt, M, N, bias=None):
         return P.new_empty((B, M, N))
 
     @torch.library.register_fake(lib + "bmm")

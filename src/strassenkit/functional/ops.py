@@ -252,18 +252,23 @@ def _tiles_wgrad(x: Tensor, g: Tensor, n: int, m: int, Mt: int, Kt: int) -> Tens
     return out
 
 
-def _decode(P: Tensor, dec: Tensor, n: int, p: int, B: int, Mt: int, M: int, N: int) -> Tensor:
-    """P (r, B*Mt, Nt) -> (B, M, N): y[b, a*n+i, c*p+k] = sum_l dec[i*p+k, l] P[l, b*Mt+a, c]."""
+def _decode(P: Tensor, dec: Tensor, n: int, p: int, B: int, Mt: int, M: int, N: int, bias: Tensor | None = None) -> Tensor:
+    """P (r, B*Mt, Nt) -> (B, M, N): y[b, a*n+i, c*p+k] = sum_l dec[i*p+k, l] P[l, b*Mt+a, c] (+ bias[c*p+k]).
+
+    ``bias`` (N,) in P's dtype: the native kernels add it to each cache-hot chunk before scattering it (the
+    same values as ``y.add_(bias)`` afterwards, without one more pass over y); elsewhere it is added after."""
+    if _native_for(P):
+        return torch.ops.strassenkit_native.decode(P, dec, n, p, B, Mt, M, N, bias)
+    if bias is not None:
+        return _decode(P, dec, n, p, B, Mt, M, N).add_(bias)
     if _triton_for(P):
         return triton_stl.decode(P, dec, n, p, B, Mt, M, N)
-    if _native_for(P):
-        return torch.ops.strassenkit_native.decode(P, dec, n, p, B, Mt, M, N)
     r, BMt, Nt = P.shape
-    y = P.new_empty((B * Mt, n, Nt, p))
+    y = P.new_empty((B, Mt * n, Nt * p))  # returned itself (not a view of it): callers may modify it in place
+    y4 = y.view(B * Mt, n, Nt, p)
     for s, e in _blocks(BMt, Nt, P.device.type):
         blk = dec @ P[:, s:e].reshape(r, (e - s) * Nt)  # (n*p, (e-s)*Nt)
-        y[s:e].copy_(blk.view(n, p, e - s, Nt).permute(2, 0, 3, 1))
-    y = y.view(B, Mt * n, Nt * p)
+        y4[s:e].copy_(blk.view(n, p, e - s, Nt).permute(2, 0, 3, 1))
     if Mt * n != M or Nt * p != N:
         y = y[:, :M, :N].contiguous()
     return y
@@ -312,12 +317,18 @@ def stl_infer(x: Tensor, w_hat: Tensor, enc_x: Tensor, dec: Tensor, n: int, m: i
     """
     cdt = compute_dtype(x.dtype, x.device.type)
     xc = _as(x, cdt)
+    in_kernel = bias is not None and cdt == x.dtype  # y + bias rounded once, as y.add_(bias) would
     if _use_fused(xc, w_hat):
-        in_kernel = bias is not None and cdt == x.dtype  # y + bias rounded once, as y.add_(bias) would
         y = torch.ops.strassenkit_native.fused_forward(xc, _as(w_hat, cdt), _as(enc_x, cdt), _as(dec, cdt), n, m, p,
                                                        out_features, False, _as(bias, cdt) if in_kernel else None)[0]
         if in_kernel or bias is None:
             return _as(y, x.dtype)
+    elif in_kernel and _native_for(xc):  # the unfused stages, bias added by the decode kernel
+        B, M, _K = x.shape
+        Kt = w_hat.shape[1]
+        Mt = ceil_div(M, n)
+        x_hat, _ = _encode(xc, _as(enc_x, cdt), n, m, Mt, Kt)
+        return _decode(bmm(x_hat, _as(w_hat, cdt)), _as(dec, cdt), n, p, B, Mt, M, out_features, _as(bias, cdt))
     else:
         y = _forward_impl(x, w_hat, enc_x, dec, n, m, p, out_features)[0]
     y = _as(y, x.dtype)

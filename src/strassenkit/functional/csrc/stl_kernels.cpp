@@ -748,7 +748,12 @@ void encode_impl(const T* x, const TileGrid& g, int64_t B, const T* E, int r, T*
 }
 
 template <typename T>
-void decode_impl(const T* P, int r, const TileGrid& g, int64_t B, const T* D, T* y) {
+void add_bias_tiles(T* obuf, const TileGrid& g, int64_t q0, int len, const T* bias, int64_t ld);
+
+// y = scatter(D @ P) (+ bias, added to each chunk in the cache before it is scattered: y + bias rounded once,
+// the same values as y.add_(bias) afterwards)
+template <typename T>
+void decode_impl(const T* P, int r, const TileGrid& g, int64_t B, const T* D, T* y, const T* bias = nullptr) {
   constexpr int CB = kChunk<T>;
   const int R = g.n * g.w;
   const int64_t Q = B * g.Mt * g.Ct;
@@ -766,6 +771,7 @@ void decode_impl(const T* P, int r, const TileGrid& g, int64_t B, const T* D, T*
         const int cols = round_cols<T>(len);
         load_rows(P + q0, Q, r, len, cols, buf.data(), k + 2 < k1 ? 2 * CB : 0);
         small_gemm(D, R, r, buf.data(), CB, obuf.data(), CB, cols);
+        if (bias) add_bias_tiles(obuf.data(), g, q0, len, bias, CB);
         scatter_tiles(obuf.data(), g, q0, len, y, stream);
       }
     }
@@ -1180,7 +1186,7 @@ std::tuple<at::Tensor, at::Tensor> encode(const at::Tensor& x_, const at::Tensor
 }
 
 at::Tensor decode(const at::Tensor& P_, const at::Tensor& dec_, int64_t n, int64_t p, int64_t B, int64_t Mt,
-                  int64_t M, int64_t N) {
+                  int64_t M, int64_t N, const std::optional<at::Tensor>& bias_) {
   check_float(P_, "P");
   TORCH_CHECK(P_.dim() == 3 && P_.size(1) == B * Mt, "strassenkit_native.decode: P must be (r, B*Mt, Nt)");
   TORCH_CHECK(dec_.dim() == 2 && dec_.size(0) == n * p && dec_.size(1) == P_.size(0),
@@ -1189,11 +1195,19 @@ at::Tensor decode(const at::Tensor& P_, const at::Tensor& dec_, int64_t n, int64
   TORCH_CHECK(Mt * n >= M && P_.size(2) * p >= N, "strassenkit_native.decode: M/N too large");
   const auto P = P_.contiguous();
   const auto D = dec_.contiguous();
+  at::Tensor bias;
+  if (bias_.has_value() && bias_->defined()) {
+    TORCH_CHECK(bias_->dim() == 1 && bias_->size(0) == N, "strassenkit_native.decode: bias must be (N,)");
+    TORCH_CHECK(bias_->scalar_type() == P_.scalar_type() && bias_->device().is_cpu(),
+                "strassenkit_native.decode: bias must be a CPU tensor of P's dtype");
+    bias = bias_->contiguous();
+  }
   at::Tensor y = pooled_empty({B, M, N}, P.options());
   advise_huge(y);
   const TileGrid grid{M, N, Mt, P.size(2), static_cast<int>(n), static_cast<int>(p)};
   AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "strassenkit_native.decode", [&] {
-    decode_impl<scalar_t>(P.data_ptr<scalar_t>(), P.size(0), grid, B, D.data_ptr<scalar_t>(), y.data_ptr<scalar_t>());
+    decode_impl<scalar_t>(P.data_ptr<scalar_t>(), P.size(0), grid, B, D.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                          bias.defined() ? bias.data_ptr<scalar_t>() : nullptr);
   });
   return y;
 }
@@ -1340,7 +1354,7 @@ void pool_set_limit(int64_t mb) { Pool::get().set_limit(mb << 20); }
 // (strassenkit/functional/native.py) so that torch.compile can trace code that calls these ops.
 TORCH_LIBRARY(strassenkit_native, lib) {
   lib.def("encode(Tensor x, Tensor enc, int n, int m, int Mt, int Kt, bool want_out, Tensor G) -> (Tensor, Tensor)");
-  lib.def("decode(Tensor P, Tensor dec, int n, int p, int B, int Mt, int M, int N) -> Tensor");
+  lib.def("decode(Tensor P, Tensor dec, int n, int p, int B, int Mt, int M, int N, Tensor? bias=None) -> Tensor");
   lib.def("bmm(Tensor a, Tensor b) -> Tensor");
   lib.def("fused_forward(Tensor x, Tensor w_hat, Tensor enc, Tensor dec, int n, int m, int p, int N, bool save, "
           "Tensor? bias=None) -> (Tensor, Tensor, Tensor)");
