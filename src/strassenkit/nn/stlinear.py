@@ -25,6 +25,7 @@ from torch import nn
 
 from .._utils import ceil_div, check_int
 from ..algorithms import BilinearAlgorithm, exact_algorithm, resolve
+from ..functional import ops as _ops
 from ..functional.stl import stl_apply, stl_encode_weight
 from .padding import current_row_mask
 
@@ -48,6 +49,39 @@ def dense_weight_of(module: nn.Module) -> torch.Tensor:
     if _is_conv1d(module):
         return module.weight.t()
     raise TypeError(f"expected an nn.Linear or transformers Conv1D, got {type(module).__name__}")
+
+
+_LEAN_DTYPES = (torch.float32, torch.float64)
+
+
+def _lean_operands(layer: "STLinear", x):
+    """(w_hat, enc_x, dec, bias) where forward may call the kernels directly, else None.
+
+    That is where nothing forward and stl_apply check can fail: eager inference (grad mode off, no
+    autocast, no row mask, nothing watching: see :func:`strassenkit.functional.ops.plain_eager`) on a
+    non-empty 3-D CPU input of the layer's width, in the dtype of all its parameters (float32/float64),
+    with the parameter shapes the layer was built with. It saves ~10 us per call of Python checks (tests
+    compare the values with the checked path bit for bit).
+    """
+    if type(x) is not torch.Tensor or torch.is_grad_enabled() or x.dim() != 3 or x.shape[2] != layer.in_features:
+        return None
+    params = layer._parameters
+    w_hat, enc_x, dec, bias = params["w_hat"], params["enc_x"], params["dec"], params.get("bias")
+    dt = x.dtype
+    if (dt not in _LEAN_DTYPES or w_hat is None or enc_x is None or dec is None or w_hat.dtype != dt
+            or enc_x.dtype != dt or dec.dtype != dt or (bias is not None and bias.dtype != dt)):
+        return None
+    n, m, p = layer.row_tile, layer.tile, layer.tile
+    r = enc_x.shape[0]
+    if (w_hat.shape != (r, ceil_div(layer.in_features, m), ceil_div(layer.out_features, p)) or enc_x.shape != (r, n * m)
+            or dec.shape != (n * p, r) or x.numel() == 0 or torch.is_autocast_enabled("cpu")):
+        return None
+    if n > 1 and current_row_mask() is not None:
+        return None
+    ops = (w_hat, enc_x, dec) if bias is None else (w_hat, enc_x, dec, bias)
+    if not (w_hat.is_cpu and enc_x.is_cpu and dec.is_cpu and (bias is None or bias.is_cpu)) or not _ops.plain_eager(x, *ops):
+        return None
+    return w_hat, enc_x, dec, bias
 
 
 class STLinear(nn.Module):
@@ -188,6 +222,9 @@ class STLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lean = _lean_operands(self, x)
+        if lean is not None:  # eager no-grad inference: straight to the kernels (see _lean_operands)
+            return _ops.stl_infer(x, *lean[:3], self.row_tile, self.tile, self.tile, self.out_features, lean[3])
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"STLinear expects a torch.Tensor input (..., {self.in_features}), got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
