@@ -270,6 +270,10 @@ void small_gemm_nt(const T* G, int64_t ldg, int R, const T* X, int64_t ldx, int 
     for (; j < J; ++j) micro_dot<T, LB, 1>(G + l * ldg, ldg, X + j * ldx, ldx, cols, acc + l * J + j, J);
   };
   int l = 0;
+#if defined(__AVX512F__)
+  // 32 vector registers: 6 x 4 blocks (24 accumulators + 6 G + 1 X) read each X vector half as often
+  for (; l + 6 <= R; l += 6) row_block(std::integral_constant<int, 6>{}, l);
+#endif
   for (; l + 3 <= R; l += 3) row_block(std::integral_constant<int, 3>{}, l);
   for (; l < R; ++l) row_block(std::integral_constant<int, 1>{}, l);
 }
