@@ -66,3 +66,21 @@ def test_row_mask_still_zeroes_padding_under_no_grad():
         leaky = layer(padded)  # without the mask the garbage leaks into the real rows of the last tile
     assert torch.allclose(batched[:, :6], alone, atol=1e-5)
     assert not torch.allclose(leaky[:, 4:6], alone[:, 4:6], atol=1e-3)
+
+
+def test_lean_path_steps_aside_for_parametrized_weights():
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    layer = STLinear(16, 12, rank=8)
+    x = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        before = layer(x)
+        parametrize.register_parametrization(layer, "w_hat", Double())
+        assert stlinear_mod._lean_operands(layer, x) is None
+        after = layer(x)
+    assert not torch.allclose(before, after)  # the parametrized (doubled) w_hat was used

@@ -66,7 +66,10 @@ def _lean_operands(layer: "STLinear", x):
     if type(x) is not torch.Tensor or torch.is_grad_enabled() or x.dim() != 3 or x.shape[2] != layer.in_features:
         return None
     params = layer._parameters
-    w_hat, enc_x, dec, bias = params["w_hat"], params["enc_x"], params["dec"], params.get("bias")
+    # .get: a parametrized parameter (torch.nn.utils.parametrize) lives elsewhere; then the checked path runs
+    w_hat, enc_x, dec, bias = params.get("w_hat"), params.get("enc_x"), params.get("dec"), params.get("bias")
+    if "bias" not in params and getattr(layer, "bias", None) is not None:
+        return None
     dt = x.dtype
     if (dt not in _LEAN_DTYPES or w_hat is None or enc_x is None or dec is None or w_hat.dtype != dt
             or enc_x.dtype != dt or dec.dtype != dt or (bias is not None and bias.dtype != dt)):
