@@ -274,7 +274,9 @@ def _decode(P: Tensor, dec: Tensor, n: int, p: int, B: int, Mt: int, M: int, N: 
     return y
 
 
-def _forward_impl(x, w_hat, enc_x, dec, n, m, p, out_features):
+def _forward_impl(x, w_hat, enc_x, dec, n, m, p, out_features, bias=None):
+    """(y, x_hat, prod); with ``bias`` (only where the compute dtype is x's dtype, see EagerSTL) y includes it,
+    added by the native kernels while they write y (the same values as ``y.add_(bias)`` afterwards)."""
     B, M, K = x.shape
     r, Kt, Nt = w_hat.shape
     Mt = ceil_div(M, n)
@@ -282,11 +284,11 @@ def _forward_impl(x, w_hat, enc_x, dec, n, m, p, out_features):
     xc = _as(x, cdt)
     if _use_fused(xc, w_hat):
         y, x_hat, prod = torch.ops.strassenkit_native.fused_forward(xc, _as(w_hat, cdt), _as(enc_x, cdt), _as(dec, cdt),
-                                                                    n, m, p, out_features, True)
+                                                                    n, m, p, out_features, True, bias)
         return _as(y, x.dtype), x_hat, prod
     x_hat, _ = _encode(x.to(cdt), enc_x.to(cdt), n, m, Mt, Kt)
     prod = bmm(x_hat, w_hat.to(cdt))
-    y = _decode(prod, dec.to(cdt), n, p, B, Mt, M, out_features)
+    y = _decode(prod, dec.to(cdt), n, p, B, Mt, M, out_features, bias)
     return y.to(x.dtype), x_hat, prod
 
 
@@ -342,18 +344,32 @@ class EagerSTL(torch.autograd.Function):
     layer for small inputs; this runs the same code with autograd.Function's lighter bookkeeping. Used by
     stl_apply only where :func:`plain_eager` holds; torch.compile/export, fake tensors and dispatch modes
     always see the custom op.
+
+    With ``bias`` (N,) (in x's dtype, which must then be the compute dtype) y includes it: the kernels add it
+    while they write y, and the backward returns its gradient (the sum of grad_y over rows). One autograd node
+    per layer instead of three (the op, the bias add and the reshape), and one pass over y less.
     """
 
     @staticmethod
-    def forward(ctx, x, w_hat, enc_x, dec, n, m, p, out_features):
-        y, x_hat, prod = _forward_impl(x, w_hat, enc_x, dec, n, m, p, out_features)
+    def forward(ctx, x, w_hat, enc_x, dec, n, m, p, out_features, bias=None):
+        y, x_hat, prod = _forward_impl(x, w_hat, enc_x, dec, n, m, p, out_features, bias)
         ctx.save_for_backward(x, w_hat, enc_x, dec, x_hat, prod)
         ctx.fmt = (n, m, p)
+        ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        return _backward(ctx, grad_y, None, None)
+        grads = _backward(ctx, grad_y, None, None)
+        if not ctx.has_bias:
+            return grads
+        gb = grad_y.sum((0, 1)) if grad_y is not None and ctx.needs_input_grad[8] else None
+        return (*grads, gb)
+
+
+def eager_bias_ok(x: Tensor, bias: Tensor | None) -> bool:
+    """True if :class:`EagerSTL` may take ``bias`` itself: x and bias in one dtype that the fast path computes in."""
+    return bias is not None and bias.dtype == x.dtype and compute_dtype(x.dtype, x.device.type) == x.dtype
 
 
 def stl_forward_plain(x, w_hat, enc_x, dec, n: int, m: int, p: int, out_features: int) -> Tensor:
