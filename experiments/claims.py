@@ -14,7 +14,7 @@ import argparse
 from . import spn_cnn, vit, wordlm
 from .common import PENDING, apply_budget, available_inits, group_runs, mean_std, verdict_line
 
-__all__ = ["check_vit_full", "check_spn_cnn_full", "check_wordlm", "expected_args"]
+__all__ = ["check_vit_full", "check_spn_cnn_full", "check_wordlm", "expected_args", "expected_runs"]
 
 SEEDS_NEEDED = 3
 
@@ -26,11 +26,30 @@ def expected_args(module, config: dict | None) -> argparse.Namespace:
     args = p.parse_args([])
     if config:
         for k, v in config.items():
-            setattr(args, k, v)
+            if k != "seeds":  # the last call's seeds (often one); every claim needs the preset's three
+                setattr(args, k, v)
         args.quick = False
     args.only = None
     apply_budget(args, module.PRESETS)
     return args
+
+
+def expected_runs(name: str, runs: list[dict], config: dict | None) -> tuple[list[int], list[tuple[str, bool | None]]]:
+    """(seeds, [(model kind, kd)]) that the issue-#18 budget of experiment ``name`` (vit, spn_cnn, wordlm) expects:
+    the grid of the recorded config (else the preset's), seeds 0..2. ``kd`` is None except for spn_cnn. A vit
+    parameter-matched dense is named by its recorded width (``dense@dim=120``), else ``dense@dim=matched``."""
+    if name == "vit":
+        args = expected_args(vit, config)
+        dims = sorted({r["model"].split("=")[1] for r in runs if r["model"].startswith("dense@dim=")})
+        args.dense_dims = dims or list(args.dense_dims)
+        return list(args.seeds), [(k, None) for k in vit.model_kinds(args, args.inits or available_inits())]
+    if name == "spn_cnn":
+        args = expected_args(spn_cnn, config)
+        return list(args.seeds), spn_cnn.model_kinds(args)
+    if name == "wordlm":
+        args = expected_args(wordlm, config)
+        return list(args.seeds), [(k, None) for k in wordlm.model_kinds(args)]
+    raise ValueError(f"no issue-#18 budget for experiment {name!r} (vit, spn_cnn, wordlm)")
 
 
 def _missing(groups: dict, expected: list[str], seeds) -> list[str]:
@@ -72,10 +91,8 @@ def check_vit_full(runs: list[dict], config: dict | None) -> list[str]:
     args = expected_args(vit, config)
     g = group_runs(runs)
     inits = args.inits or available_inits()
-    dims = sorted({k.split("=")[1] for k in g if k.startswith("dense@dim=")}) or list(args.dense_dims)
-    args.dense_dims = dims
-    expected = vit.model_kinds(args, inits)
-    out = _missing(g, expected, args.seeds)
+    seeds, expected = expected_runs("vit", runs, config)
+    out = _missing(g, [k for k, _ in expected], seeds)
     acc = "test_accuracy"
     dense_kinds = ["dense"] + [k for k in g if k.startswith("dense@lr=")]
     best_dense = _best(g, dense_kinds, acc)
@@ -122,8 +139,8 @@ def check_spn_cnn_full(runs: list[dict], config: dict | None) -> list[str]:
     g = {}
     for r in runs:
         g.setdefault(r["model"] + (" +KD" if r["kd"] else ""), []).append(r)
-    expected = [k + (" +KD" if kd else "") for k, kd in spn_cnn.model_kinds(args)]
-    out = _missing(g, expected, args.seeds)
+    seeds, kinds = expected_runs("spn_cnn", runs, config)
+    out = _missing(g, [k + (" +KD" if kd else "") for k, kd in kinds], seeds)
     acc = "test_accuracy"
     wider = sorted((k for k in g if k.startswith("dense@width=")), key=lambda k: int(k.split("=")[1]))
     out.append(verdict_line(f"full precision at width {args.width} is within 2 points of the wider "
@@ -152,7 +169,8 @@ def check_spn_cnn_full(runs: list[dict], config: dict | None) -> list[str]:
 def check_wordlm(runs: list[dict], config: dict | None) -> list[str]:
     args = expected_args(wordlm, config)
     g = group_runs(runs)
-    out = _missing(g, wordlm.model_kinds(args), args.seeds)
+    seeds, kinds = expected_runs("wordlm", runs, config)
+    out = _missing(g, [k for k, _ in kinds], seeds)
     key = "val_perplexity"
     dense_kinds = ["dense"] + [k for k in g if k.startswith("dense@lr=")]
     best_dense = _best(g, dense_kinds, key, higher=False)

@@ -4,7 +4,8 @@ NAME is one of
 - vit, spn_cnn, charlm, wordlm, minilm: each writes results/NAME/runs.json and PNG plots;
 - approx: the tile-approximation study (results/approx/summary.json, approx.png, README.md);
 - rediscover: learn ternary rank-7 2x2 matmul SPNs and verify them exactly (results/rediscover/summary.json);
-- report: gather every table and plot of vit, spn_cnn, charlm, minilm into results/REPORT.md.
+- report: gather every table and plot of vit, spn_cnn, charlm, minilm into results/REPORT.md;
+- longruns: issue #18's long runs (vit/full, spn_cnn/full, wordlm) as a queue that skips recorded runs.
 
 ``--quick`` gives a minutes-long smoke run; ``--plot-only [--out DIR]`` redraws the plots of an existing
 runs.json without training (vit, spn_cnn, charlm, wordlm, minilm); ``python experiments/run.py NAME --help`` lists
@@ -49,6 +50,7 @@ EXPERIMENTS = {
     "approx": "tile-approximation study: init families vs rank (t=4), tensor, Gaussian and real-tile errors",
     "rediscover": "learn ternary rank-7 2x2 matmul SPNs from 25 random inits; verify exactly",
     "report": "gather results/*/runs.json into results/REPORT.md",
+    "longruns": "issue #18's long runs as a resumable queue: runs every missing run, N at once (--dry-run lists them)",
 }
 
 
