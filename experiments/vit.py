@@ -264,6 +264,11 @@ def estimate(args, kinds, x_tr, y_tr, tokens) -> int:
     return 0
 
 
+def _fmt_or_dash(vals) -> str:
+    """mean +- std, or "-" without values (a run recorded by a progress write, or killed, before its timing)."""
+    return fmt_ms(vals, 2) if vals else "-"
+
+
 def table(records: list[dict]) -> str:
     groups = group_runs(records, dense_first=True)
     dense_macs = mean_std([r["linear_macs_per_image"] for r in groups.get("dense", records)])[0]
@@ -282,31 +287,66 @@ def table(records: list[dict]) -> str:
         lines.append(
             f"| {kind} | {len(rs)} | {fmt_ms([r['test_accuracy'] for r in rs])} | {rs[0]['params']:,} "
             f"| {macs:,.0f} ({core:,.0f} + {encdec:,.0f}) | {dense_macs / macs:.2f}x "
-            f"| {fmt_ms(train_ratios(rs), 2)} | {fmt_ms([r['forward_ratio_vs_dense'] for r in rs], 2)} |")
+            f"| {_fmt_or_dash(train_ratios(rs))} | {_fmt_or_dash([r['forward_ratio_vs_dense'] for r in rs if 'forward_ratio_vs_dense' in r])} |")
     return "\n".join(lines)
 
 
+def _family(kind: str) -> str:
+    """dense, lowrank or stl-<init>: the colour group of a model kind (its @-options are variants of it)."""
+    base = kind.split("@")[0]
+    return "dense" if base == "dense" else base
+
+
 def plot(records: list[dict], out: Path) -> Path:
+    """Two panels. Left: accuracy against linear-layer MACs per image (mean +- std over seeds, seeds as dots) for
+    each family at its default setting; STL models all have the same MACs, so they stack in one column. Right:
+    every variant's accuracy (seeds as dots), grouped by family, with the best dense mean as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = group_runs(records)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    span = max(r["linear_macs_per_image"] for r in records) / 1e6
-    for i, (kind, rs) in enumerate(groups.items()):
-        # small horizontal offsets so models with equal MACs do not hide each other
-        macs = mean_std([r["linear_macs_per_image"] for r in rs])[0] / 1e6 + (i - len(groups) / 2) * 0.006 * span
-        m, s = mean_std([r["test_accuracy"] for r in rs])
-        ax.errorbar([macs], [m], yerr=[s], fmt="o", capsize=4, label=kind)
-        ax.scatter([macs] * len(rs), [r["test_accuracy"] for r in rs], s=8, alpha=0.4, color="gray")
-    ax.set_xlabel("linear-layer MMACs per image (incl. encode/decode; points offset slightly)")
+    groups = group_runs(records, dense_first=True)
+    families = list(dict.fromkeys(_family(k) for k in groups))
+    cmap = plt.get_cmap("tab10")
+    color = {f: cmap(i % 10) for i, f in enumerate(families)}
+    acc = {k: [r["test_accuracy"] for r in rs] for k, rs in groups.items()}
+    n_seeds = sorted({len(v) for v in acc.values()})
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 0.9 + 0.28 * max(12, len(groups))),
+                                 gridspec_kw={"width_ratios": [1, 1.3]})
+    for kind, rs in groups.items():
+        if "@" in kind and not kind.startswith("dense@dim="):
+            continue  # learning-rate / codec checks: right panel only
+        x = mean_std([r["linear_macs_per_image"] for r in rs])[0] / 1e6
+        m, sd = mean_std(acc[kind])
+        ax.errorbar([x], [m], yerr=[sd], fmt="s" if kind.startswith("dense@dim=") else "o", capsize=4,
+                    color=color[_family(kind)], label=f"{kind} ({len(rs)} seeds)")
+        ax.scatter([x] * len(rs), acc[kind], s=10, alpha=0.5, color=color[_family(kind)])
+    ax.set_xlabel("linear-layer MMACs per image (incl. STL encode/decode)")
     ax.set_ylabel("test accuracy")
-    ax.set_title("ViT on Fashion-MNIST: dense vs STL (t=4, r=24) vs low rank")
-    ax.legend(fontsize=6 if len(groups) > 10 else 8, ncol=2 if len(groups) > 10 else 1)
+    ax.set_title("accuracy vs cost (default settings)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    kinds = list(groups)[::-1]  # top to bottom in the dense-first order
+    dense_means = [mean_std(acc[k])[0] for k in groups if _family(k) == "dense" and not k.startswith("dense@dim=")]
+    for y, kind in enumerate(kinds):
+        m, sd = mean_std(acc[kind])
+        variant = "@" in kind and not kind.startswith("dense@dim=")
+        bx.errorbar([m], [y], xerr=[sd], fmt="o", capsize=3, color=color[_family(kind)],
+                    mfc="white" if variant else color[_family(kind)])
+        bx.scatter(acc[kind], [y] * len(acc[kind]), s=10, alpha=0.5, color=color[_family(kind)])
+    if dense_means:
+        bx.axvline(max(dense_means), ls="--", color="gray", lw=1, label="best dense (mean)")
+        bx.legend(fontsize=7, loc="lower right")
+    bx.set_yticks(range(len(kinds)))
+    bx.set_yticklabels(kinds, fontsize=7)
+    bx.set_xlabel("test accuracy (mean +- std, dots: seeds; hollow: lr / codec checks)")
+    bx.set_title("every variant")
+    bx.grid(alpha=0.3, axis="x")
+    seeds = "/".join(map(str, n_seeds))
+    fig.suptitle(f"ViT on Fashion-MNIST: dense vs STL (t=4, r=24) vs low rank ({seeds} seeds per model)")
     fig.tight_layout()
     path = out / "accuracy_vs_macs.png"
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
