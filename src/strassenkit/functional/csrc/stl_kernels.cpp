@@ -103,6 +103,13 @@ inline void vstore(T* p, vec_t<T> v) {
 #define STRASSENKIT_STREAM_MB 4
 #endif
 constexpr size_t kStreamBytes = size_t(STRASSENKIT_STREAM_MB) << 20;
+size_t stream_bytes() {  // the unfused encode/decode threshold; STRASSENKIT_STREAM_MB for A/B timing
+  static const size_t b = [] {
+    const char* v = std::getenv("STRASSENKIT_STREAM_MB");
+    return v ? size_t(std::atol(v)) << 20 : kStreamBytes;
+  }();
+  return b;
+}
 size_t fused_stream_bytes() {  // the fused path's threshold; STRASSENKIT_FUSED_STREAM_MB for A/B timing
   static const size_t b = [] {
     const char* v = std::getenv("STRASSENKIT_FUSED_STREAM_MB");
@@ -703,7 +710,7 @@ void encode_impl(const T* x, const TileGrid& g, int64_t B, const T* E, int r, T*
   const int64_t chunks = (Q + CB - 1) / CB;
   const Split split = split_chunks(chunks, int64_t(CB) * r * J);
   std::vector<vec_t<T>> partial(genc ? split.pieces * r * J : 0, vec_t<T>{});  // one per piece
-  const bool stream = out && size_t(r) * Q * sizeof(T) >= kStreamBytes;
+  const bool stream = out && size_t(r) * Q * sizeof(T) >= stream_bytes();
   // Rows Q apart stay 32-byte aligned (chunk starts are multiples of CB): no staging copy needed.
 #if defined(__AVX512F__)
   constexpr size_t VA = sizeof(vec_t<T>);  // streamed vectors must be aligned to their size
@@ -762,7 +769,7 @@ void decode_impl(const T* P, int r, const TileGrid& g, int64_t B, const T* D, T*
   const int R = g.n * g.w;
   const int64_t Q = B * g.Mt * g.Ct;
   const int64_t chunks = (Q + CB - 1) / CB;
-  const bool stream = size_t(B) * g.M * g.C * sizeof(T) >= kStreamBytes;
+  const bool stream = size_t(B) * g.M * g.C * sizeof(T) >= stream_bytes();
   const Split split = split_chunks(chunks, int64_t(CB) * r * R);
   WorkQueue queue(split.pieces);
   run_workers(split.workers, [&] {
