@@ -351,7 +351,7 @@ class EagerSTL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w_hat, enc_x, dec, n, m, p, out_features, bias=None):
+    def forward(ctx, x, w_hat, enc_x, dec, n, m, p, out_features, bias):  # bias: a tensor or None, always passed
         y, x_hat, prod = _forward_impl(x, w_hat, enc_x, dec, n, m, p, out_features, bias)
         ctx.save_for_backward(x, w_hat, enc_x, dec, x_hat, prod)
         ctx.fmt = (n, m, p)
@@ -361,9 +361,7 @@ class EagerSTL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         grads = _backward(ctx, grad_y, None, None)
-        if not ctx.has_bias:
-            return grads
-        gb = grad_y.sum((0, 1)) if grad_y is not None and ctx.needs_input_grad[8] else None
+        gb = grad_y.sum((0, 1)) if ctx.has_bias and grad_y is not None and ctx.needs_input_grad[8] else None
         return (*grads, gb)
 
 

@@ -174,7 +174,7 @@ def stl_apply(
         if _ops.eager_bias_ok(x3, bias):  # the kernels add the bias; one autograd node, no extra pass over y
             y = _ops.EagerSTL.apply(x3, w_hat, enc_x, dec, n, m, p, N, bias)
             return y if y.dim() == x.dim() else y.reshape(*lead, M, N)
-        y = _ops.EagerSTL.apply(x3, w_hat, enc_x, dec, n, m, p, N)
+        y = _ops.EagerSTL.apply(x3, w_hat, enc_x, dec, n, m, p, N, None)
     elif _ops.flop_counting_active():  # FlopCounterMode cannot look inside a custom op
         y = _ops.stl_forward_plain(x3, w_hat, enc_x, dec, n, m, p, N)
         return (y if bias is None else y + bias.to(y.dtype)).reshape(*lead, M, N)

@@ -54,16 +54,18 @@ def dense_weight_of(module: nn.Module) -> torch.Tensor:
 _LEAN_DTYPES = (torch.float32, torch.float64)
 
 
-def _lean_operands(layer: "STLinear", x):
+def _lean_operands(layer: "STLinear", x, training: bool = False):
     """(w_hat, enc_x, dec, bias) where forward may call the kernels directly, else None.
 
-    That is where nothing forward and stl_apply check can fail: eager inference (grad mode off, no
-    autocast, no row mask, nothing watching: see :func:`strassenkit.functional.ops.plain_eager`) on a
-    non-empty 3-D CPU input of the layer's width, in the dtype of all its parameters (float32/float64),
-    with the parameter shapes the layer was built with. It saves ~10 us per call of Python checks (tests
-    compare the values with the checked path bit for bit).
+    That is where nothing forward and stl_apply check can fail: eager mode (no autocast, no row mask,
+    nothing watching: see :func:`strassenkit.functional.ops.plain_eager`) on a non-empty 3-D CPU input of
+    the layer's width, in the dtype of all its parameters (float32/float64), with the parameter shapes the
+    layer was built with; grad mode off (inference), or with ``training`` on (then forward calls the
+    autograd function with the bias directly). It saves ~10 us per inference call and ~20 us per training
+    call of Python checks (tests compare the values and gradients with the checked path bit for bit).
     """
-    if type(x) is not torch.Tensor or torch.is_grad_enabled() or x.dim() != 3 or x.shape[2] != layer.in_features:
+    if (type(x) is not torch.Tensor or torch.is_grad_enabled() != training or x.dim() != 3
+            or x.shape[2] != layer.in_features):
         return None
     params = layer._parameters
     # .get: a parametrized parameter (torch.nn.utils.parametrize) lives elsewhere; then the checked path runs
@@ -225,8 +227,11 @@ class STLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lean = _lean_operands(self, x)
-        if lean is not None:  # eager no-grad inference: straight to the kernels (see _lean_operands)
+        lean = _lean_operands(self, x, torch.is_grad_enabled())
+        if lean is not None:  # eager: straight to the kernels / the autograd function (see _lean_operands)
+            if torch.is_grad_enabled():
+                return _ops.EagerSTL.apply(x, *lean[:3], self.row_tile, self.tile, self.tile, self.out_features,
+                                           lean[3])
             return _ops.stl_infer(x, *lean[:3], self.row_tile, self.tile, self.tile, self.out_features, lean[3])
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"STLinear expects a torch.Tensor input (..., {self.in_features}), got {type(x).__name__}")
