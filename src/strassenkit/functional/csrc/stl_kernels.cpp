@@ -1079,7 +1079,7 @@ void fused_forward_impl(const T* x, const TileGrid& gx, const TileGrid& gy, int6
 
 // Gradients of the fused forward. gy (B, M, N); Et = dec^T (r, n*p); WT: w_hat^T padded (r, Nt, ldwt);
 // Ed = enc^T (n*m, r); xh, prod: the saved (r, B*Mt, Kt), (r, B*Mt, Nt). Outputs (null = not wanted):
-// gx (B, M, K), gw (r, Kt, Nt), genc (r, n*m), gdecT (r, n*p). Parameter gradients are summed per
+// gx (B, M, K), gw (r, Kt, Nt), genc (r, n*m), gdecT: the decoder gradient, written as (n*p, r). Parameter gradients are summed per
 // piece (fixed ranges of blocks) and then in piece order: bitwise reproducible for a thread count.
 template <typename T>
 void fused_backward_impl(const T* gyp, const TileGrid& gyg, const T* x, const TileGrid& gxg, int64_t B, const T* Et,
@@ -1148,17 +1148,18 @@ void fused_backward_impl(const T* gyp, const TileGrid& gyg, const T* x, const Ti
       for (int64_t q = 0; q < wsize; ++q) gw[q] += src[q];
     }
   }
-  auto finish = [&](const std::vector<vec_t<T>>& part, int Jn, T* out) {
+  // entry q = l*Jn + j goes to out[q], or to out[j*r + l] when transposed (the decoder gradient is (n*p, r))
+  auto finish = [&](const std::vector<vec_t<T>>& part, int Jn, T* out, bool transposed) {
     for (int q = 0; q < r * Jn; ++q) {
       vec_t<T> s = vec_t<T>{};
       for (int64_t p = 0; p < pieces; ++p) s += part[p * r * Jn + q];
       T t = 0;
       for (int w = 0; w < Vec<T>::width; ++w) t += s[w];
-      out[q] = t;
+      out[transposed ? (q % Jn) * r + q / Jn : q] = t;
     }
   };
-  if (genc) finish(enc_part, Jx, genc);
-  if (gdecT) finish(dec_part, Jy, gdecT);
+  if (genc) finish(enc_part, Jx, genc, false);
+  if (gdecT) finish(dec_part, Jy, gdecT, true);
 }
 
 void check_float(const at::Tensor& t, const char* name) {
@@ -1321,10 +1322,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward(
   at::Tensor gx = need_x ? pooled_empty({B, M, K}, opt) : at::empty({0}, opt);
   at::Tensor gw = need_w ? pooled_empty({r, Kt, Nt}, opt) : at::empty({0}, opt);
   at::Tensor genc = need_e ? at::empty({r, n * m}, opt) : at::empty({0}, opt);
-  at::Tensor gdecT = need_d ? at::empty({r, n * p}, opt) : at::empty({0}, opt);
+  at::Tensor gdecT = need_d ? at::empty({n * p, r}, opt) : at::empty({0}, opt);  // filled transposed
   if (B * M == 0) {
     for (auto* t : {&gw, &genc, &gdecT}) if (t->numel()) t->zero_();
-    return {gx, gw, genc, need_d ? gdecT.t().contiguous() : gdecT};
+    return {gx, gw, genc, gdecT};
   }
   const TileGrid gxg{M, K, Mt, Kt, static_cast<int>(n), static_cast<int>(m)};
   const TileGrid gyg{M, N, Mt, Nt, static_cast<int>(n), static_cast<int>(p)};
@@ -1344,7 +1345,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward(
                                   prod.data_ptr<scalar_t>(), ptr(gx, need_x), ptr(gw, need_w), ptr(genc, need_e),
                                   ptr(gdecT, need_d));
   });
-  return {gx, gw, genc, need_d ? gdecT.t().contiguous() : gdecT};
+  return {gx, gw, genc, gdecT};
 }
 
 std::vector<int64_t> pool_stats() { return Pool::get().stats(); }
