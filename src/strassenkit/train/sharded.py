@@ -31,17 +31,40 @@ from torch import nn
 from ._faults import fault_requested
 from .checkpoint import atomic_write_text
 
-__all__ = ["shard_model", "save_sharded", "latest_sharded", "load_sharded", "save_full_model", "full_tensor"]
+__all__ = ["fsdp_units", "shard_model", "save_sharded", "latest_sharded", "load_sharded", "save_full_model", "full_tensor"]
 
 ROOT = "checkpoints_fsdp"
 
 
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The submodules that become FSDP units of their own (gathered one at a time), innermost first.
+
+    The blocks of a transformer, as FSDP's usual recipe wraps them: a Hugging Face model's
+    ``_no_split_modules`` classes (``BertLayer``, ``LlamaDecoderLayer``, ...) when it names any that it has, else
+    every module held in an ``nn.ModuleList`` (the ``blocks``/``layers`` of nanoGPT-style models and of
+    strassenkit's ViT). Modules without parameters are left out; the root is always a unit of its own. An
+    empty list (e.g. a plain MLP) leaves the whole model as one unit.
+    """
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    mods = list(model.modules())
+    units = [m for m in mods if m is not model and type(m).__name__ in names]
+    if not units:
+        units = [c for m in mods if isinstance(m, nn.ModuleList) for c in m]
+    units = [m for m in units if any(True for _ in m.parameters())]
+    order = {id(m): i for i, m in enumerate(mods)}
+    return sorted(dict.fromkeys(units), key=lambda m: -order[id(m)])  # descendants before their ancestors
+
+
 def shard_model(model: nn.Module) -> nn.Module:
-    """Shard ``model`` in place with FSDP2's ``fully_shard`` (one unit: every parameter sharded on dim 0)."""
+    """Shard ``model`` in place with FSDP2's ``fully_shard``: each of :func:`fsdp_units` (the transformer blocks)
+    is a unit of its own, then the root (every parameter sharded on dim 0). During forward and backward only
+    one block's parameters are gathered at a time, so the full model never has to fit on one device."""
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:  # pragma: no cover - torch < 2.6
         from torch.distributed._composable.fsdp import fully_shard
+    for unit in fsdp_units(model):
+        fully_shard(unit)
     fully_shard(model)
     return model
 
