@@ -60,7 +60,7 @@ def main() -> None:
                 f()
                 times[k].append(time.perf_counter() - t0)
     dense = statistics.median(times["dense F.linear"])
-    print(f"M={a.M} K={a.K} N={a.N} t={t} r={r} {a.dtype} (compute {cdt}) threads={a.threads} kernels={ops.active_backend(cdt)} "
+    print(f"M={a.M} K={a.K} N={a.N} t={t} r={r} {a.dtype} (compute {cdt}) threads={a.threads} kernels={ops.kernels_label(cdt)} "
           f"malloc={'retain' if a.retain_memory else 'default'}")
     for k, v in times.items():
         med = statistics.median(v)

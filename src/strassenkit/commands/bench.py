@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .._utils import ceil_div
 from ..functional import native
-from ..functional.ops import active_backend, backend, bmm, compute_dtype, native_low_precision
+from ..functional.ops import active_backend, backend, bmm, compute_dtype, kernels_label, native_low_precision
 from ..functional.stl import stl_apply
 from ..runtime import machine_info, retain_freed_memory
 
@@ -198,7 +198,7 @@ def _bench_row(set_name, M, K, N, dtype, mode, threads, tile, rank, repeats, war
         threads=threads, dense_ms=d * 1e3, stl_ms=s * 1e3, core_ms=c * 1e3, speedup=d / s,
         flop_bound=M * K * N / core_macs, bmm_bound=d / c, outside_core_share=max(0.0, 1 - c / s), repeats=repeats,
         dense_upcast_ms=up[0] * 1e3 if up else None, speedup_vs_upcast=up[0] / s if up else None,
-        kernels=active_backend(cdt, "cpu"), speedup_min=lo, speedup_max=hi,
+        kernels=kernels_label(cdt, "cpu"), speedup_min=lo, speedup_max=hi,
     )
 
 

@@ -262,6 +262,14 @@ def _register_fakes() -> None:
     def _decode_fake(P, dec, n, p, B, Mt, M, N, bias=None):
         return P.new_empty((B, M, N))
 
+    @torch.library.register_fake(lib + "encode_bf16")
+    def _encode_bf16_fake(x, enc, n, m, Mt, Kt):
+        return x.new_empty((enc.shape[0], x.shape[0] * Mt, Kt))
+
+    @torch.library.register_fake(lib + "decode_bf16")
+    def _decode_bf16_fake(P, dec, n, p, B, Mt, M, N, bias=None):
+        return P.new_empty((B, M, N))
+
     @torch.library.register_fake(lib + "bmm")
     def _bmm_fake(a, b):
         return a.new_empty((a.shape[0], a.shape[1], b.shape[2]))

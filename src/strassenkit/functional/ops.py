@@ -54,7 +54,7 @@ from torch import Tensor
 from .._utils import ceil_div, pad_last2
 from . import native, triton_stl
 
-__all__ = ["stl_forward", "bmm", "compute_dtype", "native_low_precision", "backend", "active_backend"]
+__all__ = ["stl_forward", "bmm", "compute_dtype", "native_low_precision", "backend", "active_backend", "kernels_label"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,6 +119,16 @@ def active_backend(dtype: torch.dtype = torch.float32, device_type: str = "cpu")
     return "native" if native.available() else "torch"
 
 
+def kernels_label(dtype: torch.dtype = torch.float32, device_type: str = "cpu") -> str:
+    """What runs the fast path for (compute) ``dtype`` on ``device_type``, for reports: :func:`active_backend`,
+    or "native bf16 encode/decode + torch bmm" where bf16 computes with the native bf16 encode/decode."""
+    name = active_backend(dtype, device_type)
+    if (dtype == torch.bfloat16 and device_type == "cpu" and name == "torch" and _backend in ("auto", "native")
+            and native.available()):
+        return "native bf16 encode/decode + torch bmm"
+    return name
+
+
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     """t in dtype; t itself when it already is (``Tensor.to`` costs a few microseconds even then)."""
     return t if t.dtype == dtype else t.to(dtype)
@@ -126,6 +136,17 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _native_for(t: Tensor) -> bool:
     return active_backend(t.dtype, t.device.type) == "native"
+
+
+def _native_bf16_for(t: Tensor) -> bool:
+    """True if the native bf16 encode/decode (bf16 in and out, float32 arithmetic) run for ``t``: a plain
+    bfloat16 CPU tensor (the fast path computes in bf16 only where the CPU's bf16 GEMMs are native), the
+    native kernels built, backend "auto" or "native"."""
+    if t.dtype != torch.bfloat16 or t.device.type != "cpu" or _backend in ("torch", "triton"):
+        return False
+    if isinstance(t, torch._subclasses.FakeTensor) or t.is_meta:
+        return False
+    return native.available()
 
 
 def _triton_for(t: Tensor) -> bool:
@@ -218,6 +239,8 @@ def _encode(x: Tensor, enc: Tensor, n: int, m: int, Mt: int, Kt: int, wgrad_of: 
     if _triton_for(x):
         out = triton_stl.encode(x, enc, n, m, Mt, Kt)
         return out, (triton_stl.tiles_wgrad(x, wgrad_of, n, m, Mt, Kt) if wgrad_of is not None else None)
+    if wgrad_of is None and _native_bf16_for(x):
+        return torch.ops.strassenkit_native.encode_bf16(x, enc.float(), n, m, Mt, Kt), None
     if _native_for(x):
         G = wgrad_of.contiguous() if wgrad_of is not None else x.new_empty(0)
         out, genc = torch.ops.strassenkit_native.encode(x, enc, n, m, Mt, Kt, True, G)
@@ -259,6 +282,9 @@ def _decode(P: Tensor, dec: Tensor, n: int, p: int, B: int, Mt: int, M: int, N: 
     same values as ``y.add_(bias)`` afterwards, without one more pass over y); elsewhere it is added after."""
     if _native_for(P):
         return torch.ops.strassenkit_native.decode(P, dec, n, p, B, Mt, M, N, bias)
+    if _native_bf16_for(P):  # y rounded to bf16, then + bias in bf16: the values of every other path (op + add_)
+        y = torch.ops.strassenkit_native.decode_bf16(P, dec.float(), n, p, B, Mt, M, N, None)
+        return y if bias is None else y.add_(bias)
     if bias is not None:
         return _decode(P, dec, n, p, B, Mt, M, N).add_(bias)
     if _triton_for(P):

@@ -1348,6 +1348,166 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward(
   return {gx, gw, genc, gdecT};
 }
 
+// ------------------------------------------------------------------ bfloat16 storage, float32 arithmetic
+// encode_bf16 / decode_bf16: the unfused encode and decode of bf16 tensors (CPUs whose bf16 GEMMs are native:
+// the core bmm stays bf16). Values are widened to float32 as the tiles are gathered (exact), the small GEMMs
+// run in float32 and the results are rounded to bf16 once as they are stored (round to nearest even, as
+// c10::BFloat16 does; a NaN stays a quiet NaN). Without them the bf16 fast path runs these stages as
+// PyTorch ops (a permute-copy, a bf16 GEMM with a tiny inner dimension, another permute-copy).
+inline float bf16_to_f32(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Widen / round a contiguous run (vectorizes: shifts and integer adds)
+inline void widen_bf16(const uint16_t* src, int len, float* dst) {
+  for (int i = 0; i < len; ++i) dst[i] = bf16_to_f32(src[i]);
+}
+inline void round_bf16(const float* src, int len, uint16_t* dst) {
+  for (int i = 0; i < len; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+
+// buf[(u*w+v)*CB + c] = x[b, a*n+u, (a0+c')*w+v] (as float) for the len columns from q0, zero outside x and up
+// to cols: each row's run is widened into row (seg*w floats, zero past x), then split into planes like float x
+void gather_tiles_bf16(const uint16_t* x, const TileGrid& g, int64_t q0, int len, int cols, float* buf, int64_t CB,
+                       float* row) {
+  const int J = g.n * g.w;
+  for_each_run(g, q0, len, [&](int c, int seg, int64_t b, int64_t a, int64_t a0, bool) {
+    const int valid = static_cast<int>(std::min<int64_t>(int64_t(seg) * g.w, g.C - a0 * g.w));
+    for (int u = 0; u < g.n; ++u) {
+      const int64_t r_ = a * g.n + u;
+      float* bu = buf + u * g.w * CB + c;
+      if (r_ >= g.M) {
+        for (int v = 0; v < g.w; ++v) std::fill(bu + v * CB, bu + v * CB + seg, 0.f);
+        continue;
+      }
+      widen_bf16(x + (b * g.M + r_) * g.C + a0 * g.w, valid, row);
+      std::fill(row + valid, row + seg * g.w, 0.f);
+      tiles_to_planes(row, seg, g.w, bu, CB);
+    }
+  });
+  if (len < cols)
+    for (int j = 0; j < J; ++j) std::fill(buf + j * CB + len, buf + j * CB + cols, 0.f);
+}
+
+void encode_bf16_impl(const uint16_t* x, const TileGrid& g, int64_t B, const float* E, int r, uint16_t* out) {
+  constexpr int CB = kChunk<float>;
+  const int J = g.n * g.w;
+  const int64_t Q = B * g.Mt * g.Ct;
+  const int64_t chunks = (Q + CB - 1) / CB;
+  const Split split = split_chunks(chunks, int64_t(CB) * r * J);
+  WorkQueue queue(split.pieces);
+  run_workers(split.workers, [&] {
+    std::vector<float> buf(J * CB), obuf(r * CB), row(CB * g.w);
+    for (int64_t i; (i = queue.take()) >= 0;) {
+      const int64_t k1 = slice_begin(chunks, split.pieces, i + 1);
+      for (int64_t k = slice_begin(chunks, split.pieces, i); k < k1; ++k) {
+        const int64_t q0 = k * CB;
+        const int len = static_cast<int>(std::min<int64_t>(CB, Q - q0));
+        const int cols = round_cols<float>(len);
+        gather_tiles_bf16(x, g, q0, len, cols, buf.data(), CB, row.data());
+        small_gemm(E, r, J, buf.data(), CB, obuf.data(), CB, cols);
+        for (int l = 0; l < r; ++l) round_bf16(obuf.data() + l * CB, len, out + l * Q + q0);
+      }
+    }
+  });
+}
+
+void decode_bf16_impl(const uint16_t* P, int r, const TileGrid& g, int64_t B, const float* D, uint16_t* y,
+                      const float* bias) {
+  constexpr int CB = kChunk<float>;
+  const int R = g.n * g.w;
+  const int64_t Q = B * g.Mt * g.Ct;
+  const int64_t chunks = (Q + CB - 1) / CB;
+  const Split split = split_chunks(chunks, int64_t(CB) * r * R);
+  WorkQueue queue(split.pieces);
+  run_workers(split.workers, [&] {
+    std::vector<float> buf(r * CB), obuf(R * CB), row(CB * g.w);
+    for (int64_t i; (i = queue.take()) >= 0;) {
+      const int64_t k1 = slice_begin(chunks, split.pieces, i + 1);
+      for (int64_t k = slice_begin(chunks, split.pieces, i); k < k1; ++k) {
+        const int64_t q0 = k * CB;
+        const int len = static_cast<int>(std::min<int64_t>(CB, Q - q0));
+        const int cols = round_cols<float>(len);
+        for (int l = 0; l < r; ++l) {
+          float* d = buf.data() + l * CB;
+          widen_bf16(P + l * Q + q0, len, d);
+          std::fill(d + len, d + cols, 0.f);
+        }
+        small_gemm(D, R, r, buf.data(), CB, obuf.data(), CB, cols);
+        if (bias) add_bias_tiles(obuf.data(), g, q0, len, bias, CB);
+        for_each_run(g, q0, len, [&](int c, int seg, int64_t b, int64_t a, int64_t a0, bool) {
+          const int valid = static_cast<int>(std::min<int64_t>(int64_t(seg) * g.w, g.C - a0 * g.w));
+          for (int u = 0; u < g.n; ++u) {
+            const int64_t r_ = a * g.n + u;
+            if (r_ >= g.M) break;
+            planes_to_tiles(obuf.data() + u * g.w * CB + c, CB, seg, g.w, row.data(), false);
+            round_bf16(row.data(), valid, y + (b * g.M + r_) * g.C + a0 * g.w);
+          }
+        });
+      }
+    }
+  });
+}
+
+void check_bf16(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16, "strassenkit_native.", op, ": ", name,
+              " must be a bfloat16 CPU tensor");
+}
+
+// encode_bf16(x (B,M,K) bf16, enc (r, n*m) float32, n, m, Mt, Kt) -> out (r, B*Mt, Kt) bf16
+at::Tensor encode_bf16(const at::Tensor& x_, const at::Tensor& enc_, int64_t n, int64_t m, int64_t Mt, int64_t Kt) {
+  check_bf16(x_, "encode_bf16", "x");
+  TORCH_CHECK(x_.dim() == 3, "strassenkit_native.encode_bf16: x must be (B, M, K)");
+  TORCH_CHECK(enc_.dim() == 2 && enc_.size(1) == n * m && enc_.scalar_type() == at::kFloat && enc_.device().is_cpu(),
+              "strassenkit_native.encode_bf16: enc must be a float32 CPU tensor (r, n*m)");
+  const auto x = x_.contiguous();
+  const auto enc = enc_.contiguous();
+  const int64_t B = x.size(0), M = x.size(1), K = x.size(2), r = enc.size(0);
+  TORCH_CHECK(Mt * n >= M && Kt * m >= K, "strassenkit_native.encode_bf16: Mt/Kt too small");
+  at::Tensor out = pooled_empty({r, B * Mt, Kt}, x.options());
+  advise_huge(out);
+  if (out.numel() == 0) return out;
+  const TileGrid grid{M, K, Mt, Kt, static_cast<int>(n), static_cast<int>(m)};
+  encode_bf16_impl(reinterpret_cast<const uint16_t*>(x.data_ptr()), grid, B, enc.data_ptr<float>(), static_cast<int>(r),
+                   reinterpret_cast<uint16_t*>(out.data_ptr()));
+  return out;
+}
+
+// decode_bf16(P (r, B*Mt, Nt) bf16, dec (n*p, r) float32, n, p, B, Mt, M, N, bias (N,) float32 or None) -> y bf16
+at::Tensor decode_bf16(const at::Tensor& P_, const at::Tensor& dec_, int64_t n, int64_t p, int64_t B, int64_t Mt,
+                       int64_t M, int64_t N, const std::optional<at::Tensor>& bias_) {
+  check_bf16(P_, "decode_bf16", "P");
+  TORCH_CHECK(P_.dim() == 3 && P_.size(1) == B * Mt, "strassenkit_native.decode_bf16: P must be (r, B*Mt, Nt)");
+  TORCH_CHECK(dec_.dim() == 2 && dec_.size(0) == n * p && dec_.size(1) == P_.size(0) && dec_.scalar_type() == at::kFloat
+              && dec_.device().is_cpu(), "strassenkit_native.decode_bf16: dec must be a float32 CPU tensor (n*p, r)");
+  TORCH_CHECK(Mt * n >= M && P_.size(2) * p >= N, "strassenkit_native.decode_bf16: M/N too large");
+  const auto P = P_.contiguous();
+  const auto D = dec_.contiguous();
+  at::Tensor bias;
+  if (bias_.has_value() && bias_->defined()) {
+    TORCH_CHECK(bias_->dim() == 1 && bias_->size(0) == N && bias_->scalar_type() == at::kFloat && bias_->device().is_cpu(),
+                "strassenkit_native.decode_bf16: bias must be a float32 CPU tensor (N,)");
+    bias = bias_->contiguous();
+  }
+  at::Tensor y = pooled_empty({B, M, N}, P.options());
+  advise_huge(y);
+  if (y.numel() == 0) return y;
+  const TileGrid grid{M, N, Mt, P.size(2), static_cast<int>(n), static_cast<int>(p)};
+  decode_bf16_impl(reinterpret_cast<const uint16_t*>(P.data_ptr()), static_cast<int>(P.size(0)), grid, B,
+                   D.data_ptr<float>(), reinterpret_cast<uint16_t*>(y.data_ptr()),
+                   bias.defined() ? bias.data_ptr<float>() : nullptr);
+  return y;
+}
+
 std::vector<int64_t> pool_stats() { return Pool::get().stats(); }
 void pool_empty() { Pool::get().trim(0); }
 void fused_rows(int64_t rows) { g_fused_rows.store(rows); }
@@ -1368,6 +1528,8 @@ TORCH_LIBRARY(strassenkit_native, lib) {
   lib.def("encode(Tensor x, Tensor enc, int n, int m, int Mt, int Kt, bool want_out, Tensor G) -> (Tensor, Tensor)");
   lib.def("decode(Tensor P, Tensor dec, int n, int p, int B, int Mt, int M, int N, Tensor? bias=None) -> Tensor");
   lib.def("bmm(Tensor a, Tensor b) -> Tensor");
+  lib.def("encode_bf16(Tensor x, Tensor enc, int n, int m, int Mt, int Kt) -> Tensor");
+  lib.def("decode_bf16(Tensor P, Tensor dec, int n, int p, int B, int Mt, int M, int N, Tensor? bias=None) -> Tensor");
   lib.def("fused_forward(Tensor x, Tensor w_hat, Tensor enc, Tensor dec, int n, int m, int p, int N, bool save, "
           "Tensor? bias=None) -> (Tensor, Tensor, Tensor)");
   lib.def("fused_backward(Tensor gy, Tensor x, Tensor w_hat, Tensor enc, Tensor dec, Tensor x_hat, Tensor prod, int n, int m, int p, "
@@ -1384,6 +1546,8 @@ TORCH_LIBRARY_IMPL(strassenkit_native, CPU, lib) {
   lib.impl("encode", &encode);
   lib.impl("decode", &decode);
   lib.impl("bmm", &bmm);
+  lib.impl("encode_bf16", &encode_bf16);
+  lib.impl("decode_bf16", &decode_bf16);
   lib.impl("fused_forward", &fused_forward);
   lib.impl("fused_backward", &fused_backward);
 }
