@@ -1,6 +1,6 @@
 """Where STL forward time goes for one shape: encode, core bmm, decode vs dense F.linear.
 
-    python benchmarks/stages.py 4096 4096 4096 --threads 2 [--retain-memory]
+    python benchmarks/stages.py 4096 4096 4096 --threads 2 [--retain-memory] [--dtype bfloat16] [--kernels torch]
 """
 
 import argparse
@@ -25,9 +25,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--kernels", default="auto", choices=["auto", "native", "torch"],
+                    help="the fast path's kernels (strassenkit.functional.ops.backend); dense is F.linear either way")
     ap.add_argument("--retain-memory", action="store_true",
                     help="keep freed memory in the process (strassenkit.runtime.retain_freed_memory)")
     a = ap.parse_args()
+    with ops.backend(a.kernels):
+        run(a)
+
+
+def run(a) -> None:
     torch.set_num_threads(a.threads)
     if a.retain_memory:
         retain_freed_memory()
