@@ -18,7 +18,9 @@ encoder/decoder gradients) when Triton imports; the core stays ``torch.bmm`` (cu
 float32/float64 on CPU use the native C++ kernels of ``csrc/stl_kernels.cpp`` (see
 :mod:`.native`: compiled once per machine; tile gather + encode and decode + tile scatter fused in one
 pass over cache-sized column chunks, threads take slices of chunks from a shared queue; the r core GEMMs likewise, each
-single-threaded). Everything else, or ``backend("torch")``, or ``STRASSENKIT_NATIVE=0``, uses the
+single-threaded). bfloat16 on CPU (where it is the compute dtype) uses the native bf16 encode/decode (bf16 in
+and out, float32 arithmetic) around a bf16 ``torch.bmm``. Everything else, or ``backend("torch")``, or
+``STRASSENKIT_NATIVE=0``, uses the
 pure-PyTorch helpers below; both compute the same values (tests compare them).
 
 Layout (the "bmm layout"): every stage is one dense BLAS call on a contiguous 2-D/3-D view.

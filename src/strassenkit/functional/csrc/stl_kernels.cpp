@@ -1,4 +1,4 @@
-// Native CPU kernels for the STL fast path (strassenkit/functional/ops.py), float32 and float64.
+// Native CPU kernels for the STL fast path (strassenkit/functional/ops.py), float32 and float64 (and bf16 I/O).
 //
 // Three ops, registered as torch.ops.strassenkit_native.*:
 //
@@ -9,6 +9,9 @@
 //   decode(P (r, B*Mt, Nt), dec (n*p, r), n, p, B, Mt, M, N) -> y (B, M, N)
 //       y[b, a*n+i, c*p+k] = sum_l dec[i*p+k, l] P[l, b*Mt+a, c]
 //   bmm(a (r,X,Y), b (r,Y,Z)) -> (r,X,Z): the r GEMMs split across threads, each single-threaded.
+//   encode_bf16 / decode_bf16: encode (no gradient) and decode of bfloat16 tensors, float32 arithmetic, one
+//       rounding to bf16 (the bf16 fast path on CPUs with native bf16 GEMMs; the core bmm stays bf16).
+// The fused path (fused_forward / fused_backward) runs all stages per block of tile rows (see below).
 //
 // Why: encode and decode are GEMMs with a tiny inner dimension (n*m or r) over millions of columns,
 // preceded/followed by a strided tile permutation. BLAS runs them far below peak and barely scales
