@@ -29,11 +29,17 @@ def test_encode_decode_bf16_match_float64_rounded_once(B, M, K, N, fmt, r, seed,
     Mt, Kt, Nt = -(-M // n), -(-K // m), -(-N // p)
     x = torch.randn(B, M, K, generator=g).bfloat16()
     enc = torch.randn(r, n * m, generator=g)
-    out = K_OPS.encode_bf16(x, enc, n, m, Mt, Kt)
+    out = K_OPS.encode_bf16(x, enc, n, m, Mt, Kt, True, x.new_empty(0))[0]
     assert out.dtype == torch.bfloat16 and out.shape == (r, B * Mt, Kt)
+    G = torch.randn(r, B * Mt, Kt, generator=g).bfloat16()
     with ops.backend("torch"):
-        ref, _ = ops._encode(x.double(), enc.double(), n, m, Mt, Kt)
+        ref, genc_ref = ops._encode(x.double(), enc.double(), n, m, Mt, Kt, wgrad_of=G.double())
     _within_one_ulp(out, ref)
+    # the encoder gradient sum over tiles of G x tiles^T: float32 accumulation of exact bf16 products
+    only_grad, genc = K_OPS.encode_bf16(x, enc, n, m, Mt, Kt, False, G)
+    assert only_grad.numel() == 0 and genc.dtype == torch.float32 and genc.shape == (r, n * m)
+    scale = (G.double().abs().sum(dim=(1, 2)).max() * x.double().abs().max()).clamp(min=1.0)
+    assert float((genc.double() - genc_ref).abs().max() / scale) < 1e-6
     prod = torch.randn(r, B * Mt, Nt, generator=g).bfloat16()
     dec = torch.randn(n * p, r, generator=g)
     b = torch.randn(N, generator=g) if bias else None
@@ -49,9 +55,9 @@ def test_encode_decode_bf16_match_float64_rounded_once(B, M, K, N, fmt, r, seed,
 def test_bf16_ops_reject_other_dtypes_clearly():
     x = torch.randn(1, 4, 8)
     with pytest.raises(RuntimeError, match="x must be a bfloat16 CPU tensor"):
-        K_OPS.encode_bf16(x, torch.randn(3, 16), 4, 4, 1, 2)
+        K_OPS.encode_bf16(x, torch.randn(3, 16), 4, 4, 1, 2, True, x.new_empty(0))
     with pytest.raises(RuntimeError, match="enc must be a float32 CPU tensor"):
-        K_OPS.encode_bf16(x.bfloat16(), torch.randn(3, 16).double(), 4, 4, 1, 2)
+        K_OPS.encode_bf16(x.bfloat16(), torch.randn(3, 16).double(), 4, 4, 1, 2, True, x.new_empty(0))
     with pytest.raises(RuntimeError, match="bias must be a float32 CPU tensor"):
         K_OPS.decode_bf16(torch.randn(3, 1, 2).bfloat16(), torch.randn(16, 3), 4, 4, 1, 1, 4, 8,
                           torch.randn(8).bfloat16())
@@ -60,11 +66,11 @@ def test_bf16_ops_reject_other_dtypes_clearly():
 def test_nan_stays_in_its_tile_and_inf_rounds_like_torch():
     x = torch.randn(1, 8, 8).bfloat16()
     x[0, 1, 3] = float("nan")
-    out = K_OPS.encode_bf16(x, torch.randn(5, 16), 4, 4, 2, 2)
+    out = K_OPS.encode_bf16(x, torch.randn(5, 16), 4, 4, 2, 2, True, x.new_empty(0))[0]
     assert out[:, 0, 0].isnan().all() and not out[:, 1].isnan().any()  # tile row 0, tile column 0 only
     assert not out[:, 0, 1].isnan().any()
     big = torch.full((1, 4, 4), 3.0e38).bfloat16()
-    y = K_OPS.encode_bf16(big, torch.ones(1, 16), 4, 4, 1, 1)  # 16 * 3e38 overflows float32: inf, as torch rounds it
+    y = K_OPS.encode_bf16(big, torch.ones(1, 16), 4, 4, 1, 1, True, big.new_empty(0))[0]  # 16 * 3e38 overflows float32: inf, as torch rounds it
     assert torch.isinf(y).all()
 
 
@@ -97,5 +103,5 @@ def test_bf16_fast_path_uses_them_and_is_at_least_as_accurate_as_the_torch_path(
         errs[backend] = float((y.detach().double() - ref).abs().max() / ref.abs().max())
         assert errs[backend] < 0.03, (backend, errs[backend])
         assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in ps)
-    assert "encode_bf16" in calls and "decode_bf16" in calls
+    assert "encode_bf16" in calls and "decode_bf16" in calls  # forward, and the gradients of x, enc_x, dec
     assert errs["auto"] <= errs["torch"] * 1.05 + 1e-3

@@ -263,8 +263,11 @@ def _register_fakes() -> None:
         return P.new_empty((B, M, N))
 
     @torch.library.register_fake(lib + "encode_bf16")
-    def _encode_bf16_fake(x, enc, n, m, Mt, Kt):
-        return x.new_empty((enc.shape[0], x.shape[0] * Mt, Kt))
+    def _encode_bf16_fake(x, enc, n, m, Mt, Kt, want_out, G):
+        r = enc.shape[0]
+        out = x.new_empty((r, x.shape[0] * Mt, Kt)) if want_out else x.new_empty(0)
+        genc = enc.new_empty((r, n * m)) if G.numel() > 0 else enc.new_empty(0)
+        return out, genc
 
     @torch.library.register_fake(lib + "decode_bf16")
     def _decode_bf16_fake(P, dec, n, p, B, Mt, M, N, bias=None):

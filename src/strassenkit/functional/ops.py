@@ -241,8 +241,10 @@ def _encode(x: Tensor, enc: Tensor, n: int, m: int, Mt: int, Kt: int, wgrad_of: 
     if _triton_for(x):
         out = triton_stl.encode(x, enc, n, m, Mt, Kt)
         return out, (triton_stl.tiles_wgrad(x, wgrad_of, n, m, Mt, Kt) if wgrad_of is not None else None)
-    if wgrad_of is None and _native_bf16_for(x):
-        return torch.ops.strassenkit_native.encode_bf16(x, enc.float(), n, m, Mt, Kt), None
+    if _native_bf16_for(x) and (wgrad_of is None or wgrad_of.dtype == torch.bfloat16):
+        G = wgrad_of.contiguous() if wgrad_of is not None else x.new_empty(0)
+        out, genc = torch.ops.strassenkit_native.encode_bf16(x, enc.float(), n, m, Mt, Kt, True, G)
+        return out, (genc.to(x.dtype) if wgrad_of is not None else None)
     if _native_for(x):
         G = wgrad_of.contiguous() if wgrad_of is not None else x.new_empty(0)
         out, genc = torch.ops.strassenkit_native.encode(x, enc, n, m, Mt, Kt, True, G)
@@ -268,6 +270,9 @@ def _tiles_wgrad(x: Tensor, g: Tensor, n: int, m: int, Mt: int, Kt: int) -> Tens
     if _native_for(x):
         unused_enc = g.new_empty((g.shape[0], n * m))  # want_out=False: only its shape is checked
         return torch.ops.strassenkit_native.encode(x, unused_enc, n, m, Mt, Kt, False, g.contiguous())[1]
+    if _native_bf16_for(x) and g.dtype == torch.bfloat16:
+        unused_enc = torch.empty((g.shape[0], n * m))  # float32; only its shape is checked
+        return torch.ops.strassenkit_native.encode_bf16(x, unused_enc, n, m, Mt, Kt, False, g.contiguous())[1].to(x.dtype)
     B = x.shape[0]
     r = g.shape[0]
     x5 = pad_last2(x, Mt * n, Kt * m).reshape(B * Mt, n, Kt, m)

@@ -9,7 +9,7 @@
 //   decode(P (r, B*Mt, Nt), dec (n*p, r), n, p, B, Mt, M, N) -> y (B, M, N)
 //       y[b, a*n+i, c*p+k] = sum_l dec[i*p+k, l] P[l, b*Mt+a, c]
 //   bmm(a (r,X,Y), b (r,Y,Z)) -> (r,X,Z): the r GEMMs split across threads, each single-threaded.
-//   encode_bf16 / decode_bf16: encode (no gradient) and decode of bfloat16 tensors, float32 arithmetic, one
+//   encode_bf16 / decode_bf16: encode (and encoder gradient) and decode of bfloat16 tensors, float32 arithmetic, one
 //       rounding to bf16 (the bf16 fast path on CPUs with native bf16 GEMMs; the core bmm stays bf16).
 // The fused path (fused_forward / fused_backward) runs all stages per block of tile rows (see below).
 //
@@ -1401,27 +1401,51 @@ void gather_tiles_bf16(const uint16_t* x, const TileGrid& g, int64_t q0, int len
     for (int j = 0; j < J; ++j) std::fill(buf + j * CB + len, buf + j * CB + cols, 0.f);
 }
 
-void encode_bf16_impl(const uint16_t* x, const TileGrid& g, int64_t B, const float* E, int r, uint16_t* out) {
+// out (E-encoded tiles, bf16) and/or genc += G tiles^T (G bf16, genc float32 (r, J)), as encode_impl does
+void encode_bf16_impl(const uint16_t* x, const TileGrid& g, int64_t B, const float* E, int r, uint16_t* out,
+                      const uint16_t* G, float* genc) {
+  using V = vec_t<float>;
   constexpr int CB = kChunk<float>;
   const int J = g.n * g.w;
   const int64_t Q = B * g.Mt * g.Ct;
   const int64_t chunks = (Q + CB - 1) / CB;
   const Split split = split_chunks(chunks, int64_t(CB) * r * J);
+  std::vector<V> partial(genc ? split.pieces * r * J : 0, V{});  // one per piece: a deterministic sum
   WorkQueue queue(split.pieces);
   run_workers(split.workers, [&] {
-    std::vector<float> buf(J * CB), obuf(r * CB), row(CB * g.w);
+    std::vector<float> buf(J * CB), obuf(out ? r * CB : 0), row(CB * g.w), gbuf(G ? r * CB : 0);
     for (int64_t i; (i = queue.take()) >= 0;) {
+      V* acc = genc ? partial.data() + i * r * J : nullptr;
       const int64_t k1 = slice_begin(chunks, split.pieces, i + 1);
       for (int64_t k = slice_begin(chunks, split.pieces, i); k < k1; ++k) {
         const int64_t q0 = k * CB;
         const int len = static_cast<int>(std::min<int64_t>(CB, Q - q0));
         const int cols = round_cols<float>(len);
         gather_tiles_bf16(x, g, q0, len, cols, buf.data(), CB, row.data());
-        small_gemm(E, r, J, buf.data(), CB, obuf.data(), CB, cols);
-        for (int l = 0; l < r; ++l) round_bf16(obuf.data() + l * CB, len, out + l * Q + q0);
+        if (out) {
+          small_gemm(E, r, J, buf.data(), CB, obuf.data(), CB, cols);
+          for (int l = 0; l < r; ++l) round_bf16(obuf.data() + l * CB, len, out + l * Q + q0);
+        }
+        if (G) {  // widened rows, zero past len (buf is zero there too: no 0 * inf)
+          for (int l = 0; l < r; ++l) {
+            float* d = gbuf.data() + l * CB;
+            widen_bf16(G + l * Q + q0, len, d);
+            std::fill(d + len, d + cols, 0.f);
+          }
+          small_gemm_nt(gbuf.data(), CB, r, buf.data(), CB, J, cols, acc);
+        }
       }
     }
   });
+  if (genc) {  // sum in piece order: deterministic for a given thread count
+    for (int q = 0; q < r * J; ++q) {
+      V s = V{};
+      for (int64_t p = 0; p < split.pieces; ++p) s += partial[p * r * J + q];
+      float t = 0;
+      for (int w = 0; w < Vec<float>::width; ++w) t += s[w];
+      genc[q] = t;
+    }
+  }
 }
 
 void decode_bf16_impl(const uint16_t* P, int r, const TileGrid& g, int64_t B, const float* D, uint16_t* y,
@@ -1466,8 +1490,10 @@ void check_bf16(const at::Tensor& t, const char* op, const char* name) {
               " must be a bfloat16 CPU tensor");
 }
 
-// encode_bf16(x (B,M,K) bf16, enc (r, n*m) float32, n, m, Mt, Kt) -> out (r, B*Mt, Kt) bf16
-at::Tensor encode_bf16(const at::Tensor& x_, const at::Tensor& enc_, int64_t n, int64_t m, int64_t Mt, int64_t Kt) {
+// encode_bf16(x (B,M,K) bf16, enc (r, n*m) float32, n, m, Mt, Kt, want_out, G (r, B*Mt, Kt) bf16 or empty)
+//   -> (out (r, B*Mt, Kt) bf16 or empty, genc (r, n*m) float32 or empty), as encode
+std::tuple<at::Tensor, at::Tensor> encode_bf16(const at::Tensor& x_, const at::Tensor& enc_, int64_t n, int64_t m,
+                                               int64_t Mt, int64_t Kt, bool want_out, const at::Tensor& G_) {
   check_bf16(x_, "encode_bf16", "x");
   TORCH_CHECK(x_.dim() == 3, "strassenkit_native.encode_bf16: x must be (B, M, K)");
   TORCH_CHECK(enc_.dim() == 2 && enc_.size(1) == n * m && enc_.scalar_type() == at::kFloat && enc_.device().is_cpu(),
@@ -1476,13 +1502,23 @@ at::Tensor encode_bf16(const at::Tensor& x_, const at::Tensor& enc_, int64_t n, 
   const auto enc = enc_.contiguous();
   const int64_t B = x.size(0), M = x.size(1), K = x.size(2), r = enc.size(0);
   TORCH_CHECK(Mt * n >= M && Kt * m >= K, "strassenkit_native.encode_bf16: Mt/Kt too small");
-  at::Tensor out = pooled_empty({r, B * Mt, Kt}, x.options());
-  advise_huge(out);
-  if (out.numel() == 0) return out;
+  const bool want_grad = G_.numel() > 0;
+  at::Tensor G;
+  if (want_grad) {
+    check_bf16(G_, "encode_bf16", "G");
+    TORCH_CHECK(G_.sizes() == at::IntArrayRef({r, B * Mt, Kt}), "strassenkit_native.encode_bf16: G must be (r, B*Mt, Kt)");
+    G = G_.contiguous();
+  }
+  at::Tensor out = want_out ? pooled_empty({r, B * Mt, Kt}, x.options()) : at::empty({0}, x.options());
+  at::Tensor genc = want_grad ? at::zeros({r, n * m}, enc.options()) : at::empty({0}, enc.options());
+  if (want_out) advise_huge(out);
+  if (B * Mt * Kt == 0 || r == 0) return {out, genc};
   const TileGrid grid{M, K, Mt, Kt, static_cast<int>(n), static_cast<int>(m)};
   encode_bf16_impl(reinterpret_cast<const uint16_t*>(x.data_ptr()), grid, B, enc.data_ptr<float>(), static_cast<int>(r),
-                   reinterpret_cast<uint16_t*>(out.data_ptr()));
-  return out;
+                   want_out ? reinterpret_cast<uint16_t*>(out.data_ptr()) : nullptr,
+                   want_grad ? reinterpret_cast<const uint16_t*>(G.data_ptr()) : nullptr,
+                   want_grad ? genc.data_ptr<float>() : nullptr);
+  return {out, genc};
 }
 
 // decode_bf16(P (r, B*Mt, Nt) bf16, dec (n*p, r) float32, n, p, B, Mt, M, N, bias (N,) float32 or None) -> y bf16
@@ -1531,7 +1567,7 @@ TORCH_LIBRARY(strassenkit_native, lib) {
   lib.def("encode(Tensor x, Tensor enc, int n, int m, int Mt, int Kt, bool want_out, Tensor G) -> (Tensor, Tensor)");
   lib.def("decode(Tensor P, Tensor dec, int n, int p, int B, int Mt, int M, int N, Tensor? bias=None) -> Tensor");
   lib.def("bmm(Tensor a, Tensor b) -> Tensor");
-  lib.def("encode_bf16(Tensor x, Tensor enc, int n, int m, int Mt, int Kt) -> Tensor");
+  lib.def("encode_bf16(Tensor x, Tensor enc, int n, int m, int Mt, int Kt, bool want_out, Tensor G) -> (Tensor, Tensor)");
   lib.def("decode_bf16(Tensor P, Tensor dec, int n, int p, int B, int Mt, int M, int N, Tensor? bias=None) -> Tensor");
   lib.def("fused_forward(Tensor x, Tensor w_hat, Tensor enc, Tensor dec, int n, int m, int p, int N, bool save, "
           "Tensor? bias=None) -> (Tensor, Tensor, Tensor)");
