@@ -705,6 +705,19 @@ inline void store_rows(const T* buf, int rows, int len, T* dst, int64_t Q, bool 
   for (int l = 0; l < rows; ++l) copy_out(dst + l * Q, buf + l * CB, len, stream);
 }
 
+// out[q] = the lanes of sum over pieces p of part[p*count + q], summed in piece order: deterministic for a
+// given thread count, whichever thread ran a piece
+template <typename T>
+void sum_pieces(const std::vector<vec_t<T>>& part, int64_t pieces, int count, T* out) {
+  for (int q = 0; q < count; ++q) {
+    vec_t<T> s = vec_t<T>{};
+    for (int64_t p = 0; p < pieces; ++p) s += part[p * count + q];
+    T t = 0;
+    for (int w = 0; w < Vec<T>::width; ++w) t += s[w];
+    out[q] = t;
+  }
+}
+
 template <typename T>
 void encode_impl(const T* x, const TileGrid& g, int64_t B, const T* E, int r, T* out, const T* G, T* genc) {
   constexpr int CB = kChunk<T>;
@@ -750,15 +763,7 @@ void encode_impl(const T* x, const TileGrid& g, int64_t B, const T* E, int r, T*
     }
     stream_fence(stream);
   });
-  if (genc) {  // sum in piece order: deterministic for a given thread count, whichever thread ran a piece
-    for (int q = 0; q < r * J; ++q) {
-      vec_t<T> s = vec_t<T>{};
-      for (int64_t p = 0; p < split.pieces; ++p) s += partial[p * r * J + q];
-      T t = 0;
-      for (int w = 0; w < Vec<T>::width; ++w) t += s[w];
-      genc[q] = t;
-    }
-  }
+  if (genc) sum_pieces(partial, split.pieces, r * J, genc);
 }
 
 template <typename T>
@@ -1437,15 +1442,7 @@ void encode_bf16_impl(const uint16_t* x, const TileGrid& g, int64_t B, const flo
       }
     }
   });
-  if (genc) {  // sum in piece order: deterministic for a given thread count
-    for (int q = 0; q < r * J; ++q) {
-      V s = V{};
-      for (int64_t p = 0; p < split.pieces; ++p) s += partial[p * r * J + q];
-      float t = 0;
-      for (int w = 0; w < Vec<float>::width; ++w) t += s[w];
-      genc[q] = t;
-    }
-  }
+  if (genc) sum_pieces(partial, split.pieces, r * J, genc);
 }
 
 void decode_bf16_impl(const uint16_t* P, int r, const TileGrid& g, int64_t B, const float* D, uint16_t* y,
