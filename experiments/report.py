@@ -229,6 +229,10 @@ CAVEATS["vit/full"] = [
     "STL layers hold w_hat of r/t^2 = 1.5x the dense weight's size; dense@dim=N is the parameter-matched dense.",
     "At width 96 encode/decode MACs are a large share of an STL layer, so the total linear-layer reduction is far "
     "below the core's t^3/r = 2.67x.",
+    "Speed: 'inference time / dense' is measured in the same run against an untrained dense model (STL is slower "
+    "at this width); 'train time / dense' divides wall times of separate runs on a shared machine (other runs, "
+    "and pauses for benchmarks, overlapped some of them): it is not a speed measurement. Layer and model speed "
+    "are in results/bench/.",
 ]
 CAVEATS["spn_cnn/full"] = ["Width 16/32 with one residual block per stage; dense@width=32 checks whether wider helps.",
                            "KD used lambda 0.5 and temperature 2 without tuning."]
