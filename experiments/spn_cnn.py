@@ -294,7 +294,16 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _family(model: str) -> tuple[int, int]:
+    """(out_patch p, groups g) of an SPN kind such as ``spn@2:1:4`` (groups default 1)."""
+    p, _ratio, g = parse_budget(model.split("@")[1])
+    return p, g
+
+
 def plot(records: list[dict], out: Path) -> Path:
+    """Three panels like the StrassenNets figure: test accuracy against convolution multiplications, additions
+    and model size. One colour per (out_patch p, groups g) family with its r/c_out ratios joined by a line (circles
+    without distillation, squares and dashes with it), full precision as stars; mean +- std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,40 +312,45 @@ def plot(records: list[dict], out: Path) -> Path:
     groups = {}
     for r in records:
         groups.setdefault(_label(r), []).append(r)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
+    spn = {k: rs for k, rs in groups.items() if not rs[0]["model"].startswith("dense")}
+    families = sorted({_family(rs[0]["model"]) for rs in spn.values()})
+    cmap = plt.get_cmap("tab10")
+    colour = {f: cmap(i % 10) for i, f in enumerate(families)}
+    seeds = sorted({len(rs) for rs in groups.values()})
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), sharey=True)
     panels = [("conv_mults", "multiplications per image (convolutions)"),
               ("conv_adds", "additions per image (convolutions)"), ("model_bits", "model size (KiB)")]
     for ax, (key, title) in zip(axes, panels):
-        for kd, marker in ((False, "o"), (True, "s")):
-            pts = []
-            for label, rs in groups.items():
-                if rs[0]["model"].startswith("dense") or rs[0]["kd"] != kd:
+        scale = 8192 if key == "model_bits" else 1
+        for fam in families:
+            for kd, marker, ls in ((False, "o", "-"), (True, "s", "--")):
+                pts = sorted((rs[0][key] / scale, *mean_std([r["test_accuracy"] for r in rs]), rs[0]["rank_ratio"])
+                             for rs in spn.values() if _family(rs[0]["model"]) == fam and bool(rs[0]["kd"]) == kd)
+                if not pts:
                     continue
-                m, s = mean_std([r["test_accuracy"] for r in rs])
-                v = rs[0][key] / (8192 if key == "model_bits" else 1)
-                pts.append((v, m, s, rs[0]["model"][4:]))
-            pts.sort()
-            if pts:
-                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker=marker,
-                            linestyle="none", capsize=3, label="SPN ternary" + (" + KD" if kd else ""))
-                for v, m, _, lab in pts:
-                    ax.annotate(lab, (v, m), fontsize=7, textcoords="offset points", xytext=(3, 3))
+                ax.errorbar([q[0] for q in pts], [q[1] for q in pts], yerr=[q[2] for q in pts], marker=marker,
+                            linestyle=ls, capsize=3, color=colour[fam], mfc="white" if kd else colour[fam],
+                            label=f"p={fam[0]}, g={fam[1]}" + (" + KD" if kd else ""))
+                if not kd:
+                    for v, m, _, ratio in pts:
+                        ax.annotate(f"{ratio:g}", (v, m), fontsize=7, textcoords="offset points", xytext=(3, -9))
         for label, rs in groups.items():
             if not label.startswith("dense"):
                 continue
-            m, s = mean_std([r["test_accuracy"] for r in rs])
-            v = rs[0][key] / (8192 if key == "model_bits" else 1)
-            ax.errorbar([v], [m], yerr=[s], fmt="*" if label == "dense" else "P", markersize=12 if label == "dense" else 9,
+            m, sd = mean_std([r["test_accuracy"] for r in rs])
+            v = rs[0][key] / scale
+            ax.errorbar([v], [m], yerr=[sd], fmt="*" if label == "dense" else "P", markersize=12 if label == "dense" else 9,
                         color="k" if label == "dense" else "gray",
                         label="full precision (dense)" if label == "dense" else f"full precision {label[6:]}")
         ax.set_xscale("log")
         ax.set_xlabel(title)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy")
-    axes[0].legend(fontsize=8)
-    fig.suptitle("StrassenNets CNN on Fashion-MNIST (labels: out_patch:r/c_out[:groups])")
+    axes[-1].legend(fontsize=7, loc="lower right", ncol=2)
+    fig.suptitle("StrassenNets CNN on Fashion-MNIST: numbers at points are r/c_out; "
+                 f"{'/'.join(map(str, seeds))} seed(s) per point")
     fig.tight_layout()
     path = out / "accuracy_vs_cost.png"
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
