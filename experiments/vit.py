@@ -38,10 +38,11 @@ NAME = "vit"
 #: parameter-matched dense, the STL learning-rate check); options given explicitly override the preset
 PRESETS = {
     "small": dict(train_limit=8000, epochs=3, batch_size=128, lr=2e-3, dim=128, depth=2, patch=7, dense_lrs=[],
-                  dense_dims=[], stl_lrs=[], codec_lr_mults=[], lr_check_inits=["random"], out="results/vit"),
+                  dense_dims=[], stl_lrs=[], codec_lr_mults=[], lr_check_inits=["random"], row_check_inits=[],
+                  out="results/vit"),
     "full": dict(train_limit=60000, epochs=10, batch_size=128, lr=2e-3, dim=96, depth=4, patch=7,
                  dense_lrs=[1e-3, 4e-3], dense_dims=["matched"], stl_lrs=[1e-3, 4e-3], codec_lr_mults=[0.1, 3.0],
-                 lr_check_inits=["random", "als"], out="results/vit/full"),
+                 lr_check_inits=["random", "als"], row_check_inits=["random"], out="results/vit/full"),
 }
 
 
@@ -71,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="STL learning-rate check: the --lr-check-inits models with the codec parameters enc_x/dec at "
                         "lr x M (w_hat and bias at lr; stl-X@codec=M)")
     p.add_argument("--lr-check-inits", nargs="*", default=None, help="init families of the STL learning-rate check")
+    p.add_argument("--row-check-inits", nargs="*", default=None,
+                   help="row-mixing control: these init families also as stl-X@rows=1 (1 x t strips that never mix "
+                        "tokens, rank scaled by 1/t: the same core MACs, 1/t of the encode/decode MACs and of w_hat)")
     p.add_argument("--only", nargs="+", default=None,
                    help="train only these model kinds (an untrained dense model is the inference-timing reference "
                         "when dense is not among them; --estimate lists the kinds)")
@@ -93,13 +97,17 @@ def _quick(args) -> None:
 
 
 def parse_kind(kind: str) -> tuple[str, dict]:
-    """'stl-als@codec=0.1' -> ('stl-als', {'codec': 0.1}); 'dense@dim=120' -> ('dense', {'dim': 120.0})."""
+    """'stl-als@codec=0.1' -> ('stl-als', {'codec': 0.1}); 'dense@dim=120' -> ('dense', {'dim': 120.0}).
+
+    ``@rows=n``: STL with row_tile n (n rows of a sample per activation tile) and rank * n / tile, so that the
+    core MACs stay those of the default (row_tile = tile) model (encode/decode MACs and w_hat scale with the
+    rank: n / tile of the default's)."""
     base, *opts = kind.split("@")
     out = {}
     for o in opts:
         k, _, v = o.partition("=")
-        if k not in ("lr", "dim", "codec") or not v:
-            raise ValueError(f"model kind {kind!r}: options look like @lr=X, @dim=N or @codec=M")
+        if k not in ("lr", "dim", "codec", "rows") or not v:
+            raise ValueError(f"model kind {kind!r}: options look like @lr=X, @dim=N, @codec=M or @rows=N")
         out[k] = float(v)
     return base, out
 
@@ -110,6 +118,7 @@ def model_kinds(args, inits: list[str]) -> list[str]:
     for i in args.lr_check_inits:
         kinds += [f"stl-{i}@lr={lr:g}" for lr in args.stl_lrs if lr != args.lr]
         kinds += [f"stl-{i}@codec={m:g}" for m in args.codec_lr_mults if m != 1]
+    kinds += [f"stl-{i}@rows=1" for i in getattr(args, "row_check_inits", None) or []]
     if args.only:
         unknown = [k for k in args.only if k not in kinds]
         if unknown:
@@ -144,8 +153,13 @@ def build(kind: str, args, seed: int, tokens: int):
     if base == "dense":
         make = dense_linear
     elif base.startswith("stl-"):
-        alg = resolve(base[4:], args.tile, args.tile, args.tile, args.rank, seed)  # once per model (ALS is slow)
-        make = lambda i, o: STLinear(i, o, tile=args.tile, rank=args.rank, init=alg, seed=seed)  # noqa: E731
+        rows = int(opts.get("rows", args.tile))
+        rank = args.rank * rows // args.tile
+        if rows < 1 or rank < 1 or args.rank * rows % args.tile:
+            raise ValueError(f"model kind {kind!r}: rows must be >= 1 with rank {args.rank} * rows divisible by tile "
+                             f"{args.tile}")
+        alg = resolve(base[4:], rows, args.tile, args.tile, rank, seed)  # once per model (ALS is slow)
+        make = lambda i, o: STLinear(i, o, tile=args.tile, rank=rank, row_tile=rows, init=alg, seed=seed)  # noqa: E731
     elif base == "lowrank":
         def make(i, o):
             probe = STLinear(i, o, tile=args.tile, rank=args.rank, init="random")

@@ -98,6 +98,31 @@ def test_vit_quick_smoke_with_lr_check_and_append(fmnist, tmp_path):
     assert "stl-truncate" in vit.table(data["runs"])
 
 
+def test_vit_row_mixing_control_keeps_the_core_macs_and_never_mixes_tokens():
+    import torch
+
+    from strassenkit import cost
+    from strassenkit.nn import STLinear
+
+    args = _args(vit, [])
+    assert "stl-random@rows=1" in vit.model_kinds(args, ["random"])
+    assert "stl-random@rows=1" not in vit.model_kinds(_args(vit, ["--budget", "small"]), ["random"])
+    mixed, strips = vit.build("stl-random", args, 0, 16), vit.build("stl-random@rows=1", args, 0, 16)
+    layers = [m for m in strips.modules() if isinstance(m, STLinear)]
+    assert layers and all(m.row_tile == 1 and m.rank == 6 for m in layers)
+    x = torch.randn(2, 28, 28)
+    core = [sum(r.macs_core for r in cost.count(m, x).layers if r.kind == "stl") for m in (mixed, strips)]
+    assert core[0] == core[1]
+    with torch.no_grad():  # a token's output does not depend on the other tokens of its 4-row tile
+        tokens = torch.randn(2, 16, args.dim)
+        first = strips.blocks[0].fc1(tokens)
+        changed = tokens.clone()
+        changed[:, 1] += 1.0
+        assert torch.equal(strips.blocks[0].fc1(changed)[:, 0], first[:, 0])
+    with pytest.raises(ValueError, match="rows"):
+        vit.build("stl-random@rows=0", args, 0, 16)
+
+
 def test_vit_codec_param_groups_scale_only_enc_x_and_dec():
     import torch
 
