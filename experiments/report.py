@@ -229,6 +229,11 @@ CAVEATS["vit/full"] = [
     "STL layers hold w_hat of r/t^2 = 1.5x the dense weight's size; dense@dim=N is the parameter-matched dense.",
     "At width 96 encode/decode MACs are a large share of an STL layer, so the total linear-layer reduction is far "
     "below the core's t^3/r = 2.67x.",
+    "Why STL beats dense here: the row-mixing control (stl-random@rows=1: the same core MACs, tiles of one token "
+    "that never mix) only matches dense, while 4-row tiles gain about a point. An STL layer with 4-row tiles also "
+    "mixes each token with the 3 neighbours of its tile (here 4 patches of one image row), a local token-mixing "
+    "inductive bias that dense linear layers lack; the gain is not evidence that the bilinear FLOP reduction "
+    "itself improves accuracy.",
     "Speed: 'inference time / dense' is measured in the same run against an untrained dense model (STL is slower "
     "at this width); 'train time / dense' divides wall times of separate runs on a shared machine (other runs, "
     "and pauses for benchmarks, overlapped some of them): it is not a speed measurement. Layer and model speed "
