@@ -78,9 +78,12 @@ def test_report_verdicts_from_records(tmp_path):
         runs += [rec("dense", s, 0.88 + e), rec("dense@lr=0.001", s, 0.87 + e, lr=0.001),
                  rec("dense@lr=0.004", s, 0.875 + e, lr=0.004), rec("dense@dim=120", s, 0.885 + e),
                  rec("stl-random", s, 0.89 + e), rec("stl-random@codec=0.1", s, 0.80 + e),
-                 rec("stl-als", s, 0.85 + e), rec("lowrank", s, 0.84 + e)]
+                 rec("stl-als", s, 0.85 + e), rec("lowrank", s, 0.84 + e), rec("stl-random@rows=1", s, 0.88 + e)]
     text = "\n".join(check_vit_full(runs, cfg))
     assert "every expected run is recorded" in text
+    # the row-mixing control: level with dense, below STL with 4-row tiles; not a "setting" of stl-random
+    assert "**confirmed at this scale**: row-mixing control: STL that never mixes tokens" in text
+    assert "**refuted at this scale**: row-mixing control: stl-random@rows=1 matches STL random" in text
     assert "**confirmed at this scale**: STL random init (best setting stl-random) matches or beats" in text
     assert "**refuted at this scale**: theory-backed init als" in text
     assert "**overall: refuted at this scale**" in text
