@@ -18,7 +18,10 @@ output: logits (B, T, V) over the word vocabulary. Layers, in order:
 factories.
 
 ``count_mode = True`` runs the recurrent layers as modules at every step (slower) so that forward hooks,
-e.g. strassenkit.cost's counters, see every recurrent multiplication.
+e.g. strassenkit.cost's counters, see every recurrent multiplication, and computes the word vector of every
+token. Otherwise ``words`` computes each distinct word type of the batch once and gathers the copies: the
+convolutions and highways see about half the rows on Shakespeare batches (20 x 35 tokens), with the same
+values and gradients (the vector of a type depends only on its spelling; tests/experiments/test_wordlm.py).
 """
 
 from __future__ import annotations
@@ -123,12 +126,18 @@ class CharAwareLM(nn.Module):
     def words(self, types: torch.Tensor) -> torch.Tensor:
         """type ids (B, T) -> word vectors (B, T, d) from their spellings (CNN, max over time, highways)."""
         B, T = types.shape
-        e = self.char_embed(self.chars[types.reshape(-1)])  # (B*T, L, char_dim)
-        e = e.transpose(1, 2).unsqueeze(2)  # (B*T, char_dim, 1, L)
-        y = torch.cat([torch.tanh(conv(e)).amax(dim=(2, 3)) for conv in self.convs], dim=-1)  # (B*T, d)
+        batch_stats = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+                          for part in (self.convs, self.highways) for m in part.modules())
+        if self.count_mode or batch_stats:  # every token's vector (cost counters count per token; batch statistics)
+            uniq, inv = types.reshape(-1), None
+        else:  # each distinct type once
+            uniq, inv = torch.unique(types.reshape(-1), return_inverse=True)
+        e = self.char_embed(self.chars[uniq])  # (n, L, char_dim)
+        e = e.transpose(1, 2).unsqueeze(2)  # (n, char_dim, 1, L)
+        y = torch.cat([torch.tanh(conv(e)).amax(dim=(2, 3)) for conv in self.convs], dim=-1)  # (n, d)
         for hw in self.highways:
             y = hw(y)
-        return y.reshape(B, T, -1)
+        return (y if inv is None else y[inv]).reshape(B, T, -1)
 
     def forward(self, types: torch.Tensor, state=None):
         """types (B, T) -> (logits (B, T, V), state: a list of (h, c) per LSTM layer)."""

@@ -151,6 +151,24 @@ def test_spn_cnn_quick_smoke_kd_batches_share_the_saved_teacher(fmnist, tmp_path
     assert (out / "accuracy_vs_cost.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("kind", ["dense", "spn@1:2:1", "spn@2:1:4"])
+def test_spn_cnn_models_are_channels_last_and_compute_the_same(kind):
+    import copy
+
+    import torch
+
+    args = _args(spn_cnn, ["--width", "8"])
+    model = spn_cnn.build(kind, args, 0).double()
+    convs = [m.weight if hasattr(m, "weight") else m.w_b for m in model.modules()
+             if isinstance(m, torch.nn.Conv2d) or hasattr(m, "w_b")]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    assert not all(p.is_contiguous(memory_format=torch.channels_last) for p in plain.parameters() if p.dim() == 4)
+    x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), plain.eval()(x), rtol=1e-10, atol=1e-12)
+
+
 def test_verdicts_from_values():
     assert verdict_line("x", [0.9, 0.91, 0.92], [0.9, 0.905, 0.91], kind="at_least", margin=0.005)[0] == "confirmed"
     assert verdict_line("x", [0.80, 0.81, 0.80], [0.9, 0.905, 0.91], kind="at_least", margin=0.005)[0] == "refuted"

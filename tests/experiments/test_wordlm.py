@@ -4,6 +4,7 @@ import json
 import math
 import random
 
+import pytest
 import torch
 
 from experiments import run as runner
@@ -41,6 +42,42 @@ def test_model_shapes_state_and_count_mode_agree():
     full, _ = m(torch.cat([x, x], 1))
     m.count_mode = False
     assert torch.allclose(m(x, state)[0], full[:, 5:], atol=1e-5)  # the state carries across calls
+
+
+@pytest.mark.parametrize("kind", ["dense", "spn-full", "spn-ternary", "spn-batchnorm"])
+def test_word_vectors_per_distinct_type_equal_per_token_in_float64(kind):
+    """words() computes each distinct type once: the same vectors and gradients as per token (count_mode)."""
+    from strassenkit.nn import SPNConv2d, SPNLinear, set_phase
+
+    torch.manual_seed(0)
+    chars = torch.randint(1, 20, (40, 9))
+    chars[:, 6:] = 0  # padded spellings
+    kw = {}
+    if kind != "dense":
+        norm = "batch" if kind == "spn-batchnorm" else None
+        kw["make_conv"] = lambda ci, co, w: SPNConv2d(ci, co, (1, w), rank=2 * co)  # noqa: E731
+        kw["make_highway"] = lambda i, o: SPNLinear(i, o, rank=i, norm=norm)  # noqa: E731
+    m = CharAwareLM(chars, 20, 30, widths=(1, 2, 4), filters_per_width=3, hidden=8, dropout=0.0, **kw).double()
+    if kind != "dense":
+        set_phase(m, "ternary" if kind == "spn-ternary" else "full")
+    x = torch.randint(0, 12, (3, 8))  # repeated types
+    assert torch.unique(x).numel() < x.numel()
+    w = torch.randn(3, 8, m.word_dim, dtype=torch.float64)
+
+    def run(count_mode):
+        m.count_mode = count_mode
+        m.zero_grad()
+        y = m.words(x)
+        (y * w).sum().backward()
+        return y.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    fast, g_fast = run(False)
+    ref, g_ref = run(True)
+    m.count_mode = False
+    assert torch.allclose(fast, ref, rtol=1e-12, atol=1e-12)
+    assert g_fast.keys() == g_ref.keys() and any(n.startswith("convs") for n in g_fast)
+    for n in g_ref:
+        assert torch.allclose(g_fast[n], g_ref[n], rtol=1e-10, atol=1e-12), n
 
 
 def test_wordlm_quick_smoke_writes_records_plot_and_verdicts(tmp_path):
