@@ -24,9 +24,10 @@ def test_missing_jobs_skip_recorded_runs_and_cover_three_seeds(tmp_path):
         {"seed": 0, "model": "dense@dim=120", "train_seconds": 700.0},
         {"seed": 1, "model": "dense", "train_seconds": 900.0},
     ], config={"budget": "full", "seeds": [1]})
+    # the recorded config is that of the last call, which trained without KD: the grid still has the KD runs
     _write(tmp_path, "spn_cnn", [
         {"seed": 0, "model": "spn@1:1:1", "kd": False, "train_seconds": 300.0},
-    ])
+    ], config={"budget": "full", "seeds": [0], "kd": "off", "only": ["spn@1:1:1"]})
     jobs = missing_jobs(tmp_path, ["vit", "spn_cnn"])
     labels = {j.label for j in jobs}
     seeds, kinds = claims.expected_runs("vit", [{"model": "dense@dim=120"}], None)
