@@ -124,6 +124,15 @@ def test_report_verdicts_from_records(tmp_path):
     assert "**confirmed at this scale**: STL random init (best setting stl-random) matches or beats" in text
     assert "**refuted at this scale**: theory-backed init als" in text
     assert "**overall: refuted at this scale**" in text
+    # selection bias: random's best of several settings beats als' only setting, but at the same (base) setting
+    # als is level with random: that init's verdict is no longer "refuted"
+    biased = [r for r in runs if r["model"] != "stl-als"] + [
+        rec("stl-als", s, 0.885 + 0.01 * s) for s in range(3)] + [
+        rec("stl-random@lr=0.004", s, 0.91 + 0.001 * s, lr=0.004) for s in range(3)]
+    text = "\n".join(check_vit_full(biased, {**cfg, "stl_lrs": [0.004]}))
+    assert "**refuted at this scale**: theory-backed init als (best setting stl-als) beats random (stl-random@lr=0.004)" in text
+    assert "**inconclusive at this scale**: theory-backed init als beats random at the same (base) setting" in text
+    assert "**overall: inconclusive at this scale**" in text
     lines = check_vit_full(runs[:5], cfg)
     assert "runs still missing" in lines[0]
     cnn = [{"seed": s, "model": "dense", "kd": False, "test_accuracy": 0.91, "conv_mults": 10000} for s in range(2)]
