@@ -225,7 +225,9 @@ CHECKS = {"vit": check_vit, "spn_cnn": check_spn_cnn, "charlm": check_charlm, "m
 VERDICTS = {"vit/full": claims.check_vit_full, "spn_cnn/full": claims.check_spn_cnn_full, "wordlm": claims.check_wordlm}
 CAVEATS["vit/full"] = [
     "Learning rates: dense over the grid shown; STL over the learning-rate check (peak lr and the codec enc_x/dec "
-    "multiplier) for the families of --lr-check-inits only; the other families ran at the base lr, so the verdicts also compare every init with random at that same base setting (the best of several settings is biased upwards).",
+    "multiplier) for the families of --lr-check-inits only; the other families ran at the base lr, so the verdicts "
+    "also compare every init with random at that same base setting (the best of several settings is biased "
+    "upwards).",
     "STL layers hold w_hat of r/t^2 = 1.5x the dense weight's size; dense@dim=N is the parameter-matched dense.",
     "At width 96 encode/decode MACs are a large share of an STL layer, so the total linear-layer reduction is far "
     "below the core's t^3/r = 2.67x.",
