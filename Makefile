@@ -27,10 +27,10 @@ test: $(STAMP)
 
 # A default process (no THP_MEM_ALLOC_ENABLE, glibc's allocator): what `import strassenkit` gives a user; the
 # STL kernels keep their own intermediates in a pool. The full bench (every shape set, whole models, per-call
-# cost; ~15 min) -> results/bench/bench.*, then the goal rows three times (~5 min) -> results/bench/goals.*.
+# cost; ~15 min) -> results/bench/bench.*, then the goal rows and whole models three times (~13 min) -> results/bench/goals.*.
 bench: $(STAMP)
 	$(PY) -m strassenkit bench --kernels native --malloc default
-	$(PY) -m strassenkit bench --name goals --sets goals --kernels native,torch --malloc default --runs 3
+	$(PY) -m strassenkit bench --name goals --sets goals,models --kernels native,torch --malloc default --runs 3
 
 clean:
 	rm -rf $(VENV) .pytest_cache

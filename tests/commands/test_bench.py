@@ -153,4 +153,15 @@ def test_model_sets_time_a_converted_model_and_the_per_call_cost(tmp_path, monke
             assert r["linears"] == 2 and r["flop_bound"] > 0
     md = (tmp_path / "bench.md").read_text()
     assert "## Whole models and per-call cost" in md and "native STL kernels: code path" in md
+    assert "Across the" not in md
+
+
+def test_model_goal_is_judged_on_the_median_over_runs():
+    rows = [bench.ModelRow(set="models", model="vit_b", shape="s", mode="forward", threads=2, dense_ms=1.0, stl_ms=1.0,
+                           speedup=v, speedup_min=v, speedup_max=v, flop_bound=2.2, linears=1, repeats=1,
+                           kernels="native", run=i, goal=2.0) for i, v in enumerate((2.1, 1.9, 1.95))]
+    md = "\n".join(bench._model_markdown(rows))
+    assert "| models | vit_b | forward | 2 | default | 2.10, 1.90, 1.95 | **1.95x** | >= 2.0x: missed |" in md
+    rows[1].speedup = 2.05
+    assert ">= 2.0x: **met** |" in "\n".join(bench._model_markdown(rows)).split("Across the")[1]
 
