@@ -47,7 +47,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--stl-layers", choices=("blocks", "all"), default="blocks",
                         help="blocks: the transformer blocks' linears (patch embedding and head dense); all: every linear")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=15,
+    parser.add_argument("--repeats", type=int, default=40,
                         help="timed forward passes and training steps per model (medians are reported)")
     parser.add_argument("--out", default="results/demo", help="folder for summary.json ('' to skip writing)")
 

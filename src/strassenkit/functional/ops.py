@@ -398,6 +398,29 @@ class EagerSTL(torch.autograd.Function):
         return (*grads, gb)
 
 
+def stl_train_eager(x: Tensor, w_hat: Tensor, enc_x: Tensor, dec: Tensor, n: int, m: int, p: int, out_features: int,
+                    bias: Tensor | None = None) -> Tensor:
+    """y (+ bias) with autograd, for eager training where :func:`plain_eager` holds and x's dtype is the compute dtype.
+
+    Where the native size rules choose the fused kernels for both the forward and the backward (small layers, where
+    per-call cost matters most), one C++ autograd node (``strassenkit_native::fused_train``: the same kernels and
+    values as :class:`EagerSTL`, bit for bit) replaces the Python autograd.Function; elsewhere :class:`EagerSTL`.
+    """
+    if _use_fused(x, w_hat, "forward") and _use_fused(x, w_hat, "backward") and _has_fused_train():
+        return torch.ops.strassenkit_native.fused_train(x, w_hat, enc_x, dec, bias, n, m, p, out_features)
+    return EagerSTL.apply(x, w_hat, enc_x, dec, n, m, p, out_features, bias)
+
+
+def _has_fused_train() -> bool:  # a kernel build from before fused_train existed has no such op
+    ok = _FUSED_TRAIN.get("ok")
+    if ok is None:
+        ok = _FUSED_TRAIN["ok"] = hasattr(torch.ops.strassenkit_native, "fused_train")
+    return ok
+
+
+_FUSED_TRAIN: dict = {}
+
+
 def eager_bias_ok(x: Tensor, bias: Tensor | None) -> bool:
     """True if :class:`EagerSTL` may take ``bias`` itself: x and bias in one dtype that the fast path computes in."""
     return bias is not None and bias.dtype == x.dtype and compute_dtype(x.dtype, x.device.type) == x.dtype

@@ -230,8 +230,8 @@ class STLinear(nn.Module):
         lean = _lean_operands(self, x, torch.is_grad_enabled())
         if lean is not None:  # eager: straight to the kernels / the autograd function (see _lean_operands)
             if torch.is_grad_enabled():
-                return _ops.EagerSTL.apply(x, *lean[:3], self.row_tile, self.tile, self.tile, self.out_features,
-                                           lean[3])
+                return _ops.stl_train_eager(x, *lean[:3], self.row_tile, self.tile, self.tile, self.out_features,
+                                            lean[3])
             return _ops.stl_infer(x, *lean[:3], self.row_tile, self.tile, self.tile, self.out_features, lean[3])
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"STLinear expects a torch.Tensor input (..., {self.in_features}), got {type(x).__name__}")
