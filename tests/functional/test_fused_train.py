@@ -55,6 +55,18 @@ def test_fused_train_equals_eager_function_bitwise_and_the_reference(B, M, K, N,
             assert (a - c).abs().max() / c.abs().max().clamp(min=1.0) <= 1e-12
 
 
+def test_fused_train_on_a_non_contiguous_input():
+    x, w, e, d, b = _operands(3, 8, 16, 12, (4, 4, 4), 24, torch.float32, 1)
+    xt = x.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # same values, other strides
+    assert not xt.is_contiguous()
+    gy = torch.randn(3, 8, 12)
+    with ops.fused("on"):
+        a = _run(lambda *t: torch.ops.strassenkit_native.fused_train(*t, 4, 4, 4, 12), (xt, w, e, d, b), gy)
+        c = _run(lambda *t: ops.EagerSTL.apply(*t[:4], 4, 4, 4, 12, t[4]), (x, w, e, d, b), gy)
+    for u, v in zip(a, c):
+        assert torch.equal(u, v)
+
+
 def test_fused_train_without_a_graph_and_no_double_backward():
     x, w, e, d, b = _operands(2, 8, 16, 12, (4, 4, 4), 24, torch.float32, 0)
     args = (x, w, e, d, b, 4, 4, 4, 12)
