@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from strassenkit.nn import SPNLinear, set_phase
 
-from .common import arithmetic_costs, config_of, finish, fmt_ms, group_runs, mean_std, model_bits, n_params
+from .common import arithmetic_costs, config_of, finish, fmt_ms, group_runs, log_x, mean_std, model_bits, n_params
 from .models.charlm import CharLSTM
 
 NAME = "charlm"
@@ -191,7 +191,7 @@ def plot(records: list[dict], out: Path) -> Path:
                     label="SPN ternary")
         for x, m, _, k in pts:
             ax.annotate(k, (x, m), fontsize=7, textcoords="offset points", xytext=(3, 3))
-    ax.set_xscale("log")
+    log_x(ax)
     ax.set_xlabel("multiplications per character")
     ax.set_ylabel("validation bits per character (held-out works)")
     ax.set_title("StrassenNets char-LSTM on Shakespeare")

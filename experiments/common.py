@@ -255,5 +255,13 @@ def estimate_step_seconds(step: Callable[[], None], steps: int, warmup: int = 3)
     return (time.perf_counter() - t0) / max(1, steps)
 
 
+def log_x(ax) -> None:
+    """A log-scale x axis with labels on the decades only (minor labels such as 2x10^5, 3x10^5 overlap)."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def fmt_minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"

@@ -23,7 +23,8 @@ from strassenkit.nn import SPNConv2d, set_phase
 from strassenkit.train import distillation_loss
 
 from .common import (accuracy, add_budget_argument, apply_budget, arithmetic_costs, config_of, estimate_step_seconds,
-                     finish, fmt_minutes, fmt_ms, mean_std, model_bits, n_params, save_progress, train_classifier)
+                     finish, fmt_minutes, fmt_ms, log_x, mean_std, model_bits, n_params, save_progress,
+                     train_classifier)
 from .models.cnn import ResNetSmall, dense_conv
 
 NAME = "spn_cnn"
@@ -349,7 +350,7 @@ def plot(records: list[dict], out: Path) -> Path:
             ax.errorbar([v], [m], yerr=[sd], fmt="*" if label == "dense" else "P", markersize=12 if label == "dense" else 9,
                         color="k" if label == "dense" else "gray",
                         label="full precision (dense)" if label == "dense" else f"full precision {label[6:]}")
-        ax.set_xscale("log")
+        log_x(ax)
         ax.set_xlabel(title)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy")

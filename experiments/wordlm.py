@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from strassenkit.nn import SPNConv2d, SPNLinear, set_phase
 
 from .common import (add_budget_argument, apply_budget, arithmetic_costs, config_of, estimate_step_seconds, finish,
-                     fmt_minutes, fmt_ms, group_runs, mean_std, model_bits, n_params, save_progress)
+                     fmt_minutes, fmt_ms, group_runs, log_x, mean_std, model_bits, n_params, save_progress)
 from .models.wordlm import CharAwareLM, dense_conv, dense_linear
 
 NAME = "wordlm"
@@ -323,7 +323,7 @@ def plot(records: list[dict], out: Path) -> Path:
                         linestyle="none", label="SPN ternary")
             for v, m, _, lab in pts:
                 ax.annotate(f"r={lab}", (v, m), fontsize=7, textcoords="offset points", xytext=(3, 3))
-        ax.set_xscale("log")
+        log_x(ax)
         ax.set_xlabel(title)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out perplexity")
