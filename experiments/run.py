@@ -75,7 +75,12 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     if "--plot-only" in args.rest and hasattr(module, "plot") and hasattr(module, "table"):
         # redraw the PNG(s) and print the table from an existing runs.json (no training)
         rest = [a for a in args.rest if a != "--plot-only"]
-        out = Path(rest[rest.index("--out") + 1]) if "--out" in rest else Path("results") / args.name
+        sub = argparse.ArgumentParser()
+        module.add_arguments(sub)
+        opts, _ = sub.parse_known_args(rest)
+        if getattr(opts, "out", None) is None and hasattr(module, "PRESETS"):
+            common.apply_budget(opts, module.PRESETS)  # the budget's folder (--budget, else the default budget's)
+        out = Path(opts.out) if getattr(opts, "out", None) else Path("results") / args.name
         runs = common.read_runs(out)["runs"]
         print(module.plot(runs, out))
         print(module.table(runs))

@@ -193,3 +193,16 @@ def test_progress_writes_keep_history_once(tmp_path):
     data = read_runs(tmp_path)
     assert sorted((r["seed"], r["model"]) for r in data["runs"]) == [(0, "a"), (0, "old"), (1, "a")]
     assert data["meta"]["previous_configs"] == [{"c": 0}] and "in_progress" not in data["meta"]
+
+
+def test_plot_only_redraws_the_budget_folder(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    seen = []
+    monkeypatch.setattr(spn_cnn, "plot", lambda runs, out: seen.append(Path(out)) or out)
+    monkeypatch.setattr(spn_cnn, "table", lambda runs: "")
+    monkeypatch.setattr(runner.common, "read_runs", lambda out: {"runs": []})
+    assert runner.main(["spn_cnn", "--plot-only"]) == 0
+    assert runner.main(["spn_cnn", "--plot-only", "--budget", "small"]) == 0
+    assert runner.main(["spn_cnn", "--plot-only", "--out", str(tmp_path)]) == 0
+    assert seen == [Path("results/spn_cnn/full"), Path("results/spn_cnn"), tmp_path]
